@@ -1,0 +1,591 @@
+"""Benchmark: streammerge vs transformers+PEFT vs a plain file copy.
+
+Builds (once, cached in the work folder) a randomly initialised Llama-shaped bf16 model and
+a rank-16 LoRA adapter on every linear layer (q, k, v, o, gate, up, down) with non-zero
+``lora_B``, then times each method in its own fresh subprocess and records its peak RSS:
+
+* ``copy``        -- ``shutil.copyfile`` of the base's ``*.safetensors`` files (the disk floor);
+* ``streammerge`` -- ``python -m streammerge merge BASE ADAPTER -o OUT --quiet --overwrite``;
+* ``peft``        -- ``AutoModelForCausalLM.from_pretrained`` + ``PeftModel.from_pretrained``
+  + ``merge_and_unload()`` + ``save_pretrained(max_shard_size="5GB")``.
+
+They run in that order (copy, streammerge, peft), ``--repeat`` times each; the table shows
+medians. Peak RSS is the child's ``ru_maxrss`` as returned by ``os.wait4`` for that one child,
+so measurements never leak into each other. Before every measurement the script runs
+``sync`` and, when ``/proc/sys/vm/drop_caches`` is writable (root), drops the page cache
+("cold"); otherwise the cache is warm and the report says so. "sync s" is the time the
+``sync`` right after a run took to flush the output that run left dirty; it is not part of
+"wall s".
+
+Usage (from the repository root)::
+
+    .venv/bin/python bench/bench_merge.py --size 0.1b
+    .venv/bin/python bench/bench_merge.py --size 1b --repeat 3 --workdir /tmp/smb --keep
+    .venv/bin/python bench/bench_merge.py --size 3b --only copy,streammerge --json out.json
+
+Without ``--workdir`` a temporary folder under /tmp is used and removed at the end unless
+``--keep``. With ``--workdir`` only what this script creates inside it is removed (again
+unless ``--keep``); a model/adapter already built there for the same ``--size`` is reused.
+When both the streammerge and the PEFT outputs exist, a few merged tensors are compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+METHODS = ("copy", "streammerge", "peft")
+TARGET_MODULES = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+LORA_RANK = 16
+LORA_ALPHA = 32
+SEED = 1234
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+# Llama shapes per --size. Parameter counts (untied lm_head, vocab 32000):
+# 0.1b ~ 0.12B (0.25 GB bf16), 1b ~ 1.10B (2.2 GB, TinyLlama), 3b ~ 3.02B (6.0 GB).
+SIZES: dict[str, dict[str, int]] = {
+    "0.1b": {
+        "hidden_size": 768,
+        "intermediate_size": 2048,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 4,
+    },
+    "1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_hidden_layers": 22,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+    },
+    "3b": {
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 24,
+        "num_key_value_heads": 8,
+    },
+}
+
+
+@dataclass
+class Measurement:
+    """One timed child run."""
+
+    wall_s: float
+    sync_s: float
+    peak_rss_mb: float
+    returncode: int
+
+    @property
+    def total_s(self) -> float:
+        """Wall time plus the time to flush what the run left dirty."""
+        return self.wall_s + self.sync_s
+
+
+@dataclass
+class MethodResult:
+    """All runs of one method plus the medians reported in the table."""
+
+    method: str
+    runs: list[Measurement] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and bool(self.runs)
+
+    def median(self, attr: str) -> float:
+        return statistics.median(getattr(run, attr) for run in self.runs)
+
+
+# --------------------------------------------------------------------------- child work
+# These run inside fresh subprocesses (``bench_merge.py _child KIND ...``); heavy imports
+# stay inside them so the parent and the copy child never load torch.
+
+
+def child_build(size: str, base_dir: Path, adapter_dir: Path) -> None:
+    """Build the random bf16 Llama model and its LoRA adapter and save both."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(SEED)
+    config = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, **SIZES[size])
+    config.dtype = torch.bfloat16
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to(torch.bfloat16).to_empty(device="cpu")
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.fill_(1.0)  # RMSNorm weights
+            else:
+                param.normal_(0.0, 0.02)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"built {size}: {n_params / 1e9:.3f}B params", flush=True)
+    model.save_pretrained(base_dir, max_shard_size="2GB")
+
+    lora = LoraConfig(
+        r=LORA_RANK,
+        lora_alpha=LORA_ALPHA,
+        lora_dropout=0.0,
+        target_modules=list(TARGET_MODULES),
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, lora)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape) * 0.01)
+    peft_model.save_pretrained(adapter_dir)
+
+
+def child_peft(base_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
+    """The transformers + PEFT reference merge."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
+    model = PeftModel.from_pretrained(model, adapter_dir)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(out_dir, max_shard_size="5GB")
+
+
+def child_copy(base_dir: Path, out_dir: Path) -> None:
+    """Copy the base's safetensors bytes: the floor any merge has to pay."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for src in sorted(base_dir.glob("*.safetensors")):
+        shutil.copyfile(src, out_dir / src.name)
+
+
+def run_child(argv: list[str]) -> None:
+    """Dispatch ``_child KIND ARGS...``."""
+    kind, paths = argv[0], [Path(a) for a in argv[2:]]
+    if kind == "build":
+        child_build(argv[1], paths[0], paths[1])
+    elif kind == "peft":
+        child_peft(Path(argv[1]), *paths)
+    elif kind == "copy":
+        child_copy(Path(argv[1]), *paths)
+    else:
+        raise SystemExit(f"unknown child kind {kind!r}")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def child_env() -> dict[str, str]:
+    """Environment for every child: offline, and streammerge importable from the repo."""
+    env = dict(os.environ)
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TRANSFORMERS_OFFLINE"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def self_cmd(python: str, *args: str) -> list[str]:
+    return [python, str(Path(__file__).resolve()), "_child", *args]
+
+
+def method_cmd(method: str, python: str, base: Path, adapter: Path, out: Path) -> list[str]:
+    if method == "copy":
+        return self_cmd(python, "copy", str(base), str(out))
+    if method == "peft":
+        return self_cmd(python, "peft", str(base), str(adapter), str(out))
+    return [
+        python,
+        "-m",
+        "streammerge",
+        "merge",
+        str(base),
+        str(adapter),
+        "-o",
+        str(out),
+        "--quiet",
+        "--overwrite",
+    ]
+
+
+def can_drop_caches() -> bool:
+    try:
+        os.sync()
+        DROP_CACHES.write_text("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def prepare_cache(cold: bool) -> None:
+    os.sync()
+    if cold:
+        DROP_CACHES.write_text("3\n")
+
+
+def measure(cmd: list[str], log_path: Path) -> Measurement:
+    """Run ``cmd`` once; wall time, then the flush time, and the child's own ru_maxrss."""
+    with log_path.open("w") as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=REPO_ROOT
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    start = time.perf_counter()
+    os.sync()
+    sync = time.perf_counter() - start
+    return Measurement(wall, sync, usage.ru_maxrss / 1024, proc.returncode)
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def dir_size_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20
+
+
+# --------------------------------------------------------------------------- building
+
+
+def ensure_model(size: str, model_dir: Path, python: str) -> tuple[Path, Path]:
+    """Build base + adapter into ``model_dir`` unless a completed build is already there."""
+    base, adapter, stamp = (
+        model_dir / "base",
+        model_dir / "adapter",
+        model_dir / "built.json",
+    )
+    spec = {"size": size, "shape": SIZES[size], "rank": LORA_RANK, "seed": SEED}
+    if stamp.exists() and json.loads(stamp.read_text()) == spec:
+        print(f"reusing model and adapter in {model_dir}")
+        return base, adapter
+    shutil.rmtree(model_dir, ignore_errors=True)
+    model_dir.mkdir(parents=True)
+    print(f"building {size} model and adapter in {model_dir} ...", flush=True)
+    start = time.perf_counter()
+    subprocess.run(
+        self_cmd(python, "build", size, str(base), str(adapter)),
+        check=True,
+        env=child_env(),
+        cwd=REPO_ROOT,
+    )
+    stamp.write_text(json.dumps(spec))
+    print(
+        f"built in {time.perf_counter() - start:.1f} s "
+        f"(base {dir_size_mb(base):.0f} MB, adapter {dir_size_mb(adapter):.1f} MB)"
+    )
+    return base, adapter
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def bench_method(
+    method: str,
+    args: argparse.Namespace,
+    base: Path,
+    adapter: Path,
+    workdir: Path,
+    cold: bool,
+) -> MethodResult:
+    result = MethodResult(method)
+    out = workdir / f"out-{method}"
+    for i in range(args.repeat):
+        shutil.rmtree(out, ignore_errors=True)
+        prepare_cache(cold)
+        log = workdir / f"{method}-{i}.log"
+        run = measure(method_cmd(method, args.python, base, adapter, out), log)
+        print(
+            f"  {method} run {i + 1}/{args.repeat}: wall {run.wall_s:.2f} s, "
+            f"sync {run.sync_s:.2f} s, peak RSS {run.peak_rss_mb:.0f} MB, rc {run.returncode}",
+            flush=True,
+        )
+        if run.returncode != 0:
+            result.error = f"exit code {run.returncode}; log tail:\n{log_tail(log)}"
+            print(result.error)
+            return result
+        result.runs.append(run)
+    return result
+
+
+def verify(base: Path, sm_out: Path, peft_out: Path) -> dict[str, Any]:
+    """Compare a few merged tensors of the two outputs (and check the merge changed them)."""
+    import torch
+    from safetensors import safe_open
+
+    def index(folder: Path) -> dict[str, Path]:
+        names: dict[str, Path] = {}
+        for file in sorted(folder.glob("*.safetensors")):
+            with safe_open(file, framework="pt") as f:
+                names.update((key, file) for key in f.keys())  # noqa: SIM118
+        return names
+
+    def load(where: dict[str, Path], name: str) -> torch.Tensor:
+        with safe_open(where[name], framework="pt") as f:
+            return f.get_tensor(name)
+
+    sm, pe, bs = index(sm_out), index(peft_out), index(base)
+    layers = sorted({int(k.split(".")[2]) for k in pe if k.startswith("model.layers.")})
+    picks = [
+        f"model.layers.{layers[i * (len(layers) - 1) // (len(TARGET_MODULES) - 1)]}."
+        f"{'self_attn' if mod[0] in 'qkvo' else 'mlp'}.{mod}.weight"
+        for i, mod in enumerate(TARGET_MODULES)
+    ] + ["model.embed_tokens.weight"]
+    rows: list[dict[str, Any]] = []
+    for name in picks:
+        if name not in sm or name not in pe:
+            rows.append({"tensor": name, "error": "missing in one output"})
+            continue
+        a, b, orig = load(sm, name), load(pe, name), load(bs, name)
+        same = a.shape == b.shape
+        rows.append(
+            {
+                "tensor": name,
+                "max_abs_diff": (a.float() - b.float()).abs().max().item() if same else None,
+                "frac_identical": (a.float() == b.float()).float().mean().item() if same else None,
+                "frac_changed_vs_base": (b != orig).float().mean().item(),
+                "dtypes": f"{a.dtype} / {b.dtype}".replace("torch.", ""),
+                "shape": list(a.shape),
+            }
+        )
+    return {"tensors": rows, "names_equal": sorted(sm) == sorted(pe)}
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_kb = next(
+        int(line.split()[1])
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemTotal:")
+    )
+    versions = {}
+    for pkg in ("torch", "transformers", "peft", "safetensors"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = "not installed"
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)),
+        "ram_gb": round(mem_kb / 2**20, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        **versions,
+    }
+
+
+def ratio(num: float | None, den: float | None) -> str:
+    return f"{num / den:.2f}" if num is not None and den else "n/a"
+
+
+def render(
+    results: dict[str, MethodResult],
+    info: dict[str, Any],
+    cold: bool,
+    command: str,
+    size: str,
+    base_mb: float,
+    repeat: int,
+) -> str:
+    def med(method: str, attr: str) -> float | None:
+        res = results.get(method)
+        return res.median(attr) if res and res.ok else None
+
+    cache = "dropped before each run (cold)" if cold else "NOT dropped (warm)"
+    lines = [
+        f"## streammerge benchmark: {size} ({base_mb:.0f} MB of base safetensors)",
+        "",
+        f"`{command}`",
+        "",
+        f"Median of {repeat} run(s); page cache {cache}.",
+        "",
+        "| method | wall s | sync s | wall+sync s | peak RSS MB |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for method in METHODS:
+        res = results.get(method)
+        if res is None:
+            continue
+        if not res.ok:
+            lines.append(f"| {method} | failed | | | |")
+            continue
+        lines.append(
+            f"| {method} | {res.median('wall_s'):.2f} | {res.median('sync_s'):.2f} "
+            f"| {res.median('total_s'):.2f} | {res.median('peak_rss_mb'):.0f} |"
+        )
+    sm_t, pe_t, cp_t = (med(m, "wall_s") for m in ("streammerge", "peft", "copy"))
+    sm_f, pe_f, cp_f = (med(m, "total_s") for m in ("streammerge", "peft", "copy"))
+    sm_r, pe_r = med("streammerge", "peak_rss_mb"), med("peft", "peak_rss_mb")
+    machine = (
+        f"Machine: {info['cpu']}, {info['cores']} cores ({info['usable_cores']} usable), "
+        f"{info['ram_gb']} GB RAM; Python {info['python']}, torch {info['torch']}, "
+        f"transformers {info['transformers']}, peft {info['peft']}, "
+        f"safetensors {info['safetensors']}."
+    )
+    lines += [
+        "",
+        "| ratio | on wall s | on wall+sync s |",
+        "|---|---:|---:|",
+        f"| PEFT time / streammerge time | {ratio(pe_t, sm_t)} | {ratio(pe_f, sm_f)} |",
+        f"| streammerge time / copy time | {ratio(sm_t, cp_t)} | {ratio(sm_f, cp_f)} |",
+        f"| streammerge RSS / PEFT RSS | {ratio(sm_r, pe_r)} | |",
+        "",
+        machine,
+    ]
+    return "\n".join(lines)
+
+
+def render_verify(check: dict[str, Any]) -> str:
+    lines = [
+        "",
+        "### streammerge vs PEFT output (sampled tensors)",
+        "",
+        f"Same tensor names: {check['names_equal']}",
+        "",
+        "| tensor | dtype (sm / peft) | max abs diff | identical | PEFT changed vs base |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for row in check["tensors"]:
+        if "error" in row:
+            lines.append(f"| {row['tensor']} | {row['error']} | | | |")
+        elif row["max_abs_diff"] is None:
+            lines.append(f"| {row['tensor']} | {row['dtypes']} | shape mismatch | | |")
+        else:
+            lines.append(
+                f"| {row['tensor']} | {row['dtypes']} | {row['max_abs_diff']:.3g} | "
+                f"{row['frac_identical']:.2%} | {row['frac_changed_vs_base']:.2%} |"
+            )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def result_json(result: MethodResult) -> dict[str, Any]:
+    data: dict[str, Any] = {**asdict(result), "ok": result.ok}
+    if result.ok:
+        attrs = ("wall_s", "sync_s", "total_s", "peak_rss_mb")
+        data["median"] = {attr: result.median(attr) for attr in attrs}
+    return data
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", choices=sorted(SIZES), default="0.1b")
+    p.add_argument("--workdir", type=Path, help="work folder (default: a temp dir under /tmp)")
+    p.add_argument("--keep", action="store_true", help="keep the built model and outputs")
+    p.add_argument("--repeat", type=int, default=1, help="runs per method; median is reported")
+    p.add_argument(
+        "--only",
+        default=",".join(METHODS),
+        help=f"comma-separated subset of {','.join(METHODS)}",
+    )
+    p.add_argument("--json", type=Path, help="write the raw numbers here")
+    p.add_argument("--warm", action="store_true", help="never drop the page cache")
+    p.add_argument("--no-verify", action="store_true", help="skip the output comparison")
+    p.add_argument("--python", default=sys.executable, help="interpreter for the children")
+    args = p.parse_args(argv)
+    args.methods = [m.strip() for m in args.only.split(",") if m.strip()]
+    unknown = set(args.methods) - set(METHODS)
+    if unknown or not args.methods:
+        p.error(f"--only: unknown or empty method list {sorted(unknown)}; choose from {METHODS}")
+    if args.repeat < 1:
+        p.error("--repeat must be >= 1")
+    return args
+
+
+def cleanup(workdir: Path, created_workdir: bool, size: str) -> None:
+    if created_workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+        return
+    for child in workdir.iterdir():
+        if child.name.startswith("out-") or child.suffix == ".log" or child.name == f"model-{size}":
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["_child"]:
+        run_child(argv[1:])
+        return 0
+    args = parse_args(argv)
+    command = shlex.join([Path(sys.executable).name, *sys.argv])
+    created = args.workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="streammerge-bench-")) if created else args.workdir
+    workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        base, adapter = ensure_model(args.size, workdir / f"model-{args.size}", args.python)
+        cold = not args.warm and can_drop_caches()
+        results: dict[str, MethodResult] = {}
+        for method in (m for m in METHODS if m in args.methods):
+            print(f"running {method} ...", flush=True)
+            results[method] = bench_method(method, args, base, adapter, workdir, cold)
+        info = machine_info()
+        base_mb = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 2**20
+        print()
+        print(render(results, info, cold, command, args.size, base_mb, args.repeat))
+        check = None
+        if not args.no_verify and all(
+            results.get(m) and results[m].ok for m in ("streammerge", "peft")
+        ):
+            check = verify(base, workdir / "out-streammerge", workdir / "out-peft")
+            print(render_verify(check))
+        if args.json:
+            args.json.write_text(
+                json.dumps(
+                    {
+                        "command": command,
+                        "size": args.size,
+                        "base_mb": base_mb,
+                        "cold_cache": cold,
+                        "repeat": args.repeat,
+                        "machine": info,
+                        "results": {m: result_json(r) for m, r in results.items()},
+                        "verify": check,
+                    },
+                    indent=2,
+                )
+            )
+            print(f"\nraw numbers written to {args.json}")
+        if args.keep:
+            print(f"\nkept work folder {workdir}")
+    finally:
+        if not args.keep:
+            cleanup(workdir, created, args.size)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,275 @@
+"""The ``streammerge`` command line: thin click commands over plan / run / describe / demo.
+
+Every command calls one library function and formats its result. Bad input raises a
+StreamMergeError; here it becomes one line on stderr and exit code 2 (``--debug`` shows the
+traceback instead).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import click
+
+from streammerge.errors import StreamMergeError
+from streammerge.plan import DEFAULT_TILE_BYTES, Plan
+from streammerge.plan import plan as make_plan
+from streammerge.units import format_bytes
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+_dtype_option = click.option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    help="Output dtype of floating tensors: bfloat16/bf16, float16/fp16, float32/fp32, or auto (each tensor keeps the base's dtype).",
+)
+_shard_option = click.option(
+    "--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 2GiB, 512MiB (one tensor never splits)."
+)
+_tile_option = click.option(
+    "--tile-size",
+    default=f"{DEFAULT_TILE_BYTES // 2**20}MiB",
+    show_default=True,
+    help="Working memory per tile: large tensors are merged this many bytes of rows at a time.",
+)
+_device_option = click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto uses CUDA when torch sees a GPU."
+)
+_quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+_out_option = click.option("-o", "--out", required=True, type=click.Path(), help="Output folder (written atomically; must not exist).")
+_overwrite_option = click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
+
+
+class _Group(click.Group):
+    """Maps StreamMergeError (and OS errors) to one line and exit code 2 unless --debug."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (StreamMergeError, OSError) as e:
+            if ctx.meta.get("streammerge.debug"):
+                raise
+            click.echo(f"streammerge: error: {_one_line(e)}", err=True)
+            ctx.exit(EXIT_BAD_INPUT)
+        except KeyboardInterrupt:
+            if ctx.meta.get("streammerge.debug"):
+                raise
+            click.echo("streammerge: interrupted; no output was left behind", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and not isinstance(e, StreamMergeError) and e.filename:
+        text = f"{e.filename}: {e.strerror or e}"
+    else:
+        text = str(e)
+    return " ".join(text.split())
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.version_option(package_name="streammerge")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Merge LoRA adapters into Hugging Face safetensors models out of core.
+
+    \b
+    streammerge plan  BASE LORA -o OUT      dry run: what it will do and need
+    streammerge merge BASE LORA -o OUT      merge (peak RAM bounded by one tile)
+    streammerge run   plan.json             execute a saved plan
+    streammerge inspect PATH                what a model, adapter or file holds
+    streammerge demo                        built-in example, no download
+    """
+    ctx.meta["streammerge.debug"] = debug
+
+
+def _make_plan(
+    base: str, adapters: tuple[str, ...], out: str, dtype: str, max_shard_size: str, tile_size: str, device: str, overwrite: bool
+) -> Plan:
+    return make_plan(
+        base, list(adapters), out, dtype=dtype, max_shard_size=max_shard_size, tile_size=tile_size, device=device, overwrite=overwrite
+    )
+
+
+def _describe_plan(p: Plan) -> list[tuple[str, str]]:
+    e = p.estimate
+    tensors = len(p.units)
+    in_bytes = sum(u.source.nbytes for u in p.units)
+    rows = [
+        ("base", f"{p.base}  ({tensors} tensors, {format_bytes(in_bytes)})"),
+        *[("adapter", a) for a in p.adapters],
+        ("output", f"{p.out}  ({len(p.shards)} shard{'s' if len(p.shards) != 1 else ''}, dtype {p.dtype})"),
+        ("work", "  ".join(f"{op} {e.units.get(op, 0)}" for op in ("merge", "cast", "copy"))),
+        ("peak RAM", f"{format_bytes(e.peak_host_bytes)}  (largest unit: {e.largest_unit})"),
+        ("peak VRAM", format_bytes(e.peak_device_bytes) if e.peak_device_bytes else "none (CPU)"),
+        ("disk", f"{format_bytes(e.output_bytes)} written, {format_bytes(e.read_bytes)} read"),
+    ]
+    rows += [("note", n) for n in p.notes]
+    return rows
+
+
+def _echo_table(rows: list[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k:<{width}}  {v}")
+
+
+def _execute(p: Plan, quiet: bool, device: str | None) -> None:
+    from streammerge.execute import run
+    from streammerge.progress import ProgressBar
+
+    bar = None if quiet else ProgressBar()
+    try:
+        report = run(p, progress=bar, device=device)
+    finally:
+        if bar is not None:
+            bar.close()
+    if not quiet:
+        rate = report.bytes_written / max(report.seconds, 1e-9)
+        units = ", ".join(f"{n} {op}" for op, n in sorted(report.units.items()))
+        click.echo(
+            f"wrote {report.out}: {format_bytes(report.bytes_written)} in {report.seconds:.1f} s ({format_bytes(int(rate))}/s) on {report.device}; "
+            f"{units}; peak RSS {format_bytes(report.peak_rss_bytes)}",
+            err=True,
+        )
+
+
+@cli.command()
+@click.argument("base", type=click.Path())
+@click.argument("adapters", nargs=-1, required=True, type=click.Path())
+@_out_option
+@_dtype_option
+@_shard_option
+@_tile_option
+@_device_option
+@_overwrite_option
+@_quiet_option
+def merge(
+    base: str,
+    adapters: tuple[str, ...],
+    out: str,
+    dtype: str,
+    max_shard_size: str,
+    tile_size: str,
+    device: str,
+    overwrite: bool,
+    quiet: bool,
+) -> None:
+    """Merge the LoRA ADAPTERS into the model in BASE and write a standalone model to OUT.
+
+    \b
+    Example:
+      streammerge merge ./Llama-3.1-8B ./my-lora -o ./merged --dtype bfloat16
+    Several adapters are summed: W + sum_i s_i * B_i @ A_i.
+    """
+    _execute(_make_plan(base, adapters, out, dtype, max_shard_size, tile_size, device, overwrite), quiet, None)
+
+
+@cli.command("plan")
+@click.argument("base", type=click.Path())
+@click.argument("adapters", nargs=-1, required=True, type=click.Path())
+@_out_option
+@_dtype_option
+@_shard_option
+@_tile_option
+@_device_option
+@_overwrite_option
+@click.option("--json", "as_json", is_flag=True, help="Print the whole plan, with its estimate, as JSON.")
+@click.option("--save", type=click.Path(), help="Save the plan as JSON here; run it later with `streammerge run`.")
+def plan_cmd(
+    base: str,
+    adapters: tuple[str, ...],
+    out: str,
+    dtype: str,
+    max_shard_size: str,
+    tile_size: str,
+    device: str,
+    overwrite: bool,
+    as_json: bool,
+    save: str | None,
+) -> None:
+    """Dry run: read headers only and show what a merge would do and need.
+
+    \b
+    Example:
+      streammerge plan ./Llama-3.1-70B ./my-lora -o ./merged --save plan.json
+      streammerge run plan.json
+    """
+    p = _make_plan(base, adapters, out, dtype, max_shard_size, tile_size, device, overwrite)
+    if save:
+        p.save(save)
+    if as_json:
+        click.echo(p.to_json())
+    else:
+        _echo_table(_describe_plan(p))
+        if save:
+            click.echo(f"plan saved to {save}; run it with: streammerge run {save}")
+
+
+@cli.command("run")
+@click.argument("plan_file", type=click.Path())
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Override the plan's device.")
+@_quiet_option
+def run_cmd(plan_file: str, device: str | None, quiet: bool) -> None:
+    """Execute a plan saved by `streammerge plan --save`. Inputs must be unchanged since."""
+    _execute(Plan.load(plan_file), quiet, device)
+
+
+@cli.command()
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@click.option("--tensors", is_flag=True, help="List every tensor.")
+def inspect(path: str, as_json: bool, tensors: bool) -> None:
+    """Show what a model folder, an adapter folder or a .safetensors file holds (headers only)."""
+    from streammerge.inspect import describe
+
+    info = describe(path)
+    if as_json:
+        click.echo(json.dumps(info, indent=1))
+        return
+    rows = [(k, _fmt_value(k, v)) for k, v in info.items() if k != "tensor_list" and v not in (None, [], {})]
+    _echo_table(rows)
+    if tensors:
+        for t in info["tensor_list"]:
+            click.echo(f"  {t['name']}  {t['dtype']}  {t['shape']}  {format_bytes(t['bytes'])}  {t['file']}")
+
+
+def _fmt_value(key: str, value: Any) -> str:
+    if key == "bytes":
+        return format_bytes(int(value))
+    if key == "bytes_by_dtype":
+        return ", ".join(f"{k} {format_bytes(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+@cli.command()
+@click.option("--dir", "workdir", type=click.Path(), help="Build the example here and keep it (default: a temporary folder).")
+def demo(workdir: str | None) -> None:
+    """Build a small Llama-shaped model and LoRA adapter locally, merge them, and check the result.
+
+    The check compares every merged tensor with a float64 reference; when transformers and peft
+    are installed it also loads the output with transformers and compares with PEFT's
+    merge_and_unload of the same inputs.
+    """
+    from streammerge.demo import run_demo
+
+    ok = run_demo(workdir, echo=lambda s: click.echo(s))
+    if not ok:
+        sys.exit(1)
+
+
+def main() -> None:
+    """Console entry point."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cli(prog_name="streammerge")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""The executor: runs a :class:`~streammerge.plan.Plan` unit by unit, tile by tile.
+
+Bytes come in through mmap (pages of each finished tile are released with
+``madvise(MADV_DONTNEED)`` so they stop counting in RSS), go to the compute device, are merged
+by :mod:`streammerge.kernels`, and leave through the :class:`~streammerge.write.Writer` at the
+offset the plan fixed. Untouched tensors are copied file to file in the kernel
+(``copy_file_range``) without ever entering this process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import resource
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from streammerge.errors import BadCheckpoint, StreamMergeError
+from streammerge.kernels import ACCUMULATE, TORCH_DTYPES, Factors, Workspace, as_bytes, merge_rows
+from streammerge.plan import LoraTerm, Plan, Source, WorkUnit, check_inputs_unchanged, check_output
+from streammerge.write import Writer
+
+Progress = Callable[[int, int, str], None]
+"""progress(bytes_done, bytes_total, tensor_name), called after every tile."""
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a run did."""
+
+    out: str
+    device: str
+    seconds: float
+    bytes_written: int
+    units: dict[str, int]
+    peak_rss_bytes: int
+    notes: tuple[str, ...] = field(default=())
+
+
+def resolve_device(requested: str) -> torch.device:
+    """``auto`` means CUDA when torch sees a GPU, else CPU; ``cuda`` without a GPU is an error."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise StreamMergeError("device 'cuda' was asked for but torch sees no usable GPU; use --device cpu or auto")
+    return torch.device("cuda")
+
+
+class SourceFiles:
+    """Read-only (copy-on-write, never written) mappings of the input files, opened on first use."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, tuple[int, mmap.mmap]] = {}
+
+    def get(self, path: str) -> tuple[int, mmap.mmap]:
+        if path not in self._open:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+            except (OSError, ValueError) as e:
+                os.close(fd)
+                raise BadCheckpoint(f"{path}: cannot map ({e})") from e
+            self._open[path] = (fd, mm)
+        return self._open[path]
+
+    def tensor(self, src: Source, first_elem: int, count: int) -> torch.Tensor:
+        """Elements ``first_elem : first_elem + count`` of ``src`` as a zero-copy 1-D tensor."""
+        _, mm = self.get(src.file)
+        dtype = TORCH_DTYPES[src.dtype]
+        size = torch.empty((), dtype=dtype).element_size()
+        return torch.frombuffer(mm, dtype=dtype, count=count, offset=src.offset + first_elem * size)
+
+    def release(self, path: str, offset: int, nbytes: int) -> None:
+        """Drop the mapped pages of a byte range from this process (they stay in the page cache)."""
+        _, mm = self.get(path)
+        start = offset - offset % mmap.PAGESIZE
+        end = min(len(mm), offset + nbytes)
+        if end > start and hasattr(mm, "madvise"):
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    def close(self) -> None:
+        for fd, mm in self._open.values():
+            with contextlib.suppress(BufferError):  # a tensor still views it; the mapping goes with it
+                mm.close()
+            os.close(fd)
+        self._open.clear()
+
+
+def _load_factors(files: SourceFiles, term: LoraTerm, device: torch.device) -> Factors:
+    def load(src: Source) -> torch.Tensor:
+        t = files.tensor(src, 0, src.nbytes // TORCH_DTYPES[src.dtype].itemsize).view(src.shape)
+        out = t.to(device=device, dtype=ACCUMULATE, copy=True)
+        del t
+        files.release(src.file, src.offset, src.nbytes)
+        return out
+
+    return Factors(a=load(term.a), b=load(term.b), scale=term.scale, transpose=term.transpose)
+
+
+def _run_unit(unit: WorkUnit, files: SourceFiles, writer: Writer, work: Workspace, advance: Callable[[int], None]) -> None:
+    src = unit.source
+    if unit.op == "copy":
+        _copy_unit(unit, files, writer, advance)
+        return
+    out_dtype = TORCH_DTYPES[unit.out_dtype]
+    out_size = out_dtype.itemsize
+    in_size = TORCH_DTYPES[src.dtype].itemsize
+    factors = [_load_factors(files, term, work.device) for term in unit.lora]
+    on_cpu = work.device.type == "cpu"
+    for row0 in range(0, unit.rows, unit.tile_rows):
+        n = min(unit.tile_rows, unit.rows - row0)
+        first, count = row0 * unit.row_elems, n * unit.row_elems
+        shape = (n, unit.row_elems)
+        tile = files.tensor(src, first, count).view(shape)
+        if not on_cpu:
+            tile = work.get("in", tile.dtype, shape).copy_(tile)
+        out = work.get("out", out_dtype, shape)
+        if factors:
+            merge_rows(tile, factors, row0, work.get("acc", ACCUMULATE, shape), out)
+        else:
+            out.copy_(tile)
+        host = out if on_cpu else work.host("out", out_dtype, shape).copy_(out)
+        writer.write(unit.shard, unit.offset + first * out_size, as_bytes(host))
+        del tile, out, host
+        files.release(src.file, src.offset + first * in_size, count * in_size)
+        advance(count * out_size)
+
+
+def _copy_unit(unit: WorkUnit, files: SourceFiles, writer: Writer, advance: Callable[[int], None]) -> None:
+    src = unit.source
+    fd, _ = files.get(src.file)
+    if writer.copy_range(unit.shard, unit.offset, fd, src.offset, src.nbytes):
+        advance(src.nbytes)
+        return
+    chunk = unit.tile_rows * TORCH_DTYPES[src.dtype].itemsize
+    _, mm = files.get(src.file)
+    for start in range(0, src.nbytes, chunk):
+        n = min(chunk, src.nbytes - start)
+        with memoryview(mm)[src.offset + start : src.offset + start + n] as view:
+            writer.write(unit.shard, unit.offset + start, view)
+        files.release(src.file, src.offset + start, n)
+        advance(n)
+
+
+def _peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def run(plan: Plan, *, progress: Progress | None = None, device: str | None = None) -> Report:
+    """Execute ``plan``: write the merged model to ``plan.out``, atomically.
+
+    The output appears only when complete; on any error (or Ctrl-C) the partial folder is removed
+    and the error re-raised. ``device`` overrides the plan's device ("auto", "cpu", "cuda").
+
+    Example::
+
+        plan = streammerge.plan("./base", ["./my-lora"], out="./merged")
+        report = streammerge.run(plan)
+        print(f"{report.bytes_written / report.seconds / 1e6:.0f} MB/s")
+    """
+    start = time.perf_counter()
+    check_inputs_unchanged(plan)
+    check_output(plan.out, [plan.base, *plan.adapters], plan.overwrite)
+    dev = resolve_device(device or plan.device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 accumulation, as on the CPU
+    total = sum(u.nbytes for u in plan.units)
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total, current)
+
+    current = ""
+    writer = Writer(plan)
+    files = SourceFiles()
+    work = Workspace(dev)
+    try:
+        writer.open()
+        with torch.inference_mode():
+            for unit in plan.units:
+                current = unit.name
+                _run_unit(unit, files, writer, work, advance)
+        files.close()
+        writer.finish()
+    except BaseException:
+        files.close()
+        writer.abort()
+        raise
+    return Report(
+        out=plan.out,
+        device=str(dev),
+        seconds=time.perf_counter() - start,
+        bytes_written=sum(s.size for s in plan.shards),
+        units=dict(Counter(u.op for u in plan.units)),
+        peak_rss_bytes=_peak_rss_bytes(),
+        notes=plan.notes,
+    )

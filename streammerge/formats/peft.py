@@ -1,0 +1,199 @@
+"""PEFT LoRA adapter folders: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+We turn the saved keys into (module, lora_A, lora_B, scale) pairs exactly as PEFT's LoraModel
+would build its layers: the scale is ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) where r and
+alpha come from ``rank_pattern`` / ``alpha_pattern`` when a pattern matches the module name.
+Whatever the adapter holds that this version cannot merge exactly is refused, never dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from streammerge.errors import BadAdapter, BadCheckpoint, UnsupportedAdapter
+from streammerge.formats.checkpoint import PICKLE_SUFFIXES, load_json_object
+from streammerge.formats.safetensors import FLOAT_DTYPES, TensorInfo, read_header
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+_UNSUPPORTED_KEYS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$"), "a DoRA magnitude vector (use_dora)"),
+    (re.compile(r"\.lora_embedding_[AB](\.[^.]+)?$"), "an embedding LoRA factor (lora_embedding_A/B)"),
+    (re.compile(r"\.lora_B(\.[^.]+)?\.bias$"), "a LoRA bias (lora_bias)"),
+    (re.compile(r"\.modules_to_save\.|^(?!.*\.lora_).*\.(weight|bias)$"), "a full replacement tensor (modules_to_save or a trained bias)"),
+    (re.compile(r"trainable_tokens"), "a trainable-tokens delta (trainable_token_indices)"),
+)
+_UNSUPPORTED_CONFIG = (
+    ("use_dora", "DoRA (use_dora)"),
+    ("alora_invocation_tokens", "activated LoRA (alora_invocation_tokens), whose effect depends on the input and cannot be merged"),
+    ("layer_replication", "layer_replication, which changes the architecture"),
+    ("target_parameters", "LoRA on raw parameters (target_parameters)"),
+    ("use_qalora", "QA-LoRA (use_qalora)"),
+    ("trainable_token_indices", "trainable tokens (trainable_token_indices)"),
+    ("use_bdlora", "block-diagonal LoRA (use_bdlora)"),
+)
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """One adapted module: ``W[module.weight] += scale * (B @ A)`` (transposed if fan_in_fan_out)."""
+
+    module: str
+    a: TensorInfo
+    b: TensorInfo
+    rank: int
+    alpha: float
+    scale: float
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A validated LoRA adapter folder."""
+
+    root: str
+    weights_path: str
+    config: dict[str, Any]
+    pairs: tuple[LoraPair, ...]
+    fan_in_fan_out: bool
+    flavours: tuple[str, ...]
+    """What kind of LoRA this is, for humans: e.g. ("lora", "rslora", "rank_pattern")."""
+
+
+def pattern_key(patterns: list[str], module: str) -> str | None:
+    """The first pattern that matches ``module`` the way PEFT matches rank/alpha patterns."""
+    for key in patterns:
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return key
+        except re.error:
+            continue
+    return None
+
+
+def _config_value(path: str, config: dict[str, Any], key: str, kinds: tuple[type, ...], default: Any) -> Any:
+    value = config.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        names = "/".join(k.__name__ for k in kinds)
+        raise BadAdapter(f"{path}: {key!r} must be {names}, found {value!r}")
+    return value
+
+
+def _check_config(path: str, config: dict[str, Any]) -> tuple[int, float, bool, bool, dict[str, int], dict[str, float]]:
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise UnsupportedAdapter(f"{path}: peft_type {peft_type!r} is not LoRA; streammerge merges LoRA adapters only")
+    for key, what in _UNSUPPORTED_CONFIG:
+        if config.get(key) not in (None, False, [], {}, ""):
+            raise UnsupportedAdapter(f"{path}: adapter uses {what}, which streammerge cannot merge yet; refusing rather than dropping it")
+    r = _config_value(path, config, "r", (int,), 8)
+    alpha = _config_value(path, config, "lora_alpha", (int, float), 8)
+    if r <= 0:
+        raise BadAdapter(f"{path}: 'r' must be positive, found {r}")
+    rslora = _config_value(path, config, "use_rslora", (bool,), False)
+    fifo = _config_value(path, config, "fan_in_fan_out", (bool,), False)
+    ranks = _config_value(path, config, "rank_pattern", (dict,), {})
+    alphas = _config_value(path, config, "alpha_pattern", (dict,), {})
+    for key, pattern in (("rank_pattern", ranks), ("alpha_pattern", alphas)):
+        for k, v in pattern.items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or (key == "rank_pattern" and not isinstance(v, int)):
+                raise BadAdapter(f"{path}: {key}[{k!r}] must be a number, found {v!r}")
+    return r, float(alpha), rslora, fifo, ranks, alphas
+
+
+def open_adapter(root: str | os.PathLike[str]) -> Adapter:
+    """Read and validate a PEFT LoRA adapter folder (headers and config only).
+
+    Example::
+
+        adapter = open_adapter("./my-lora")
+        print([(p.module, p.rank, p.scale) for p in adapter.pairs][:3])
+    """
+    root = os.path.abspath(os.fspath(root))
+    if not os.path.isdir(root):
+        what = "is a file; give the adapter folder" if os.path.exists(root) else "does not exist"
+        raise BadAdapter(f"{root}: adapter folder {what}")
+    config_path = os.path.join(root, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise BadAdapter(f"{root}: no {CONFIG_NAME}; is this a PEFT adapter folder?")
+    try:
+        config = load_json_object(config_path, CONFIG_NAME)
+    except BadCheckpoint as e:
+        raise BadAdapter(str(e)) from e
+    r, alpha, rslora, fifo, ranks, alphas = _check_config(config_path, config)
+
+    weights_path = os.path.join(root, WEIGHTS_NAME)
+    if not os.path.isfile(weights_path):
+        pickles = [n for n in sorted(os.listdir(root)) if n.startswith("adapter_model") and n.endswith(PICKLE_SUFFIXES)]
+        if pickles:
+            raise BadAdapter(
+                f"{os.path.join(root, pickles[0])}: pickle adapter weights are not read (no pickle); save the adapter with safe_serialization=True"
+            )
+        raise BadAdapter(f"{root}: no {WEIGHTS_NAME}")
+    try:
+        header = read_header(weights_path)
+    except BadCheckpoint as e:
+        raise BadAdapter(str(e)) from e
+
+    factors: dict[str, dict[str, TensorInfo]] = {}
+    for t in header.tensors:
+        module, ab = _classify_key(weights_path, t.name)
+        if ab in factors.setdefault(module, {}):
+            raise BadAdapter(
+                f"{weights_path}: tensor {t.name!r}: module {module!r} has two lora_{ab} tensors (several adapter names in one file?)"
+            )
+        factors[module][ab] = t
+    if not factors:
+        raise BadAdapter(f"{weights_path}: holds no LoRA tensors (lora_A/lora_B)")
+
+    pairs = [_make_pair(weights_path, module, ab, r, alpha, rslora, ranks, alphas) for module, ab in factors.items()]
+    flavours = ["rslora" if rslora else "lora"]
+    flavours += [name for name, used in (("rank_pattern", ranks), ("alpha_pattern", alphas), ("fan_in_fan_out", fifo)) if used]
+    return Adapter(root=root, weights_path=weights_path, config=config, pairs=tuple(pairs), fan_in_fan_out=fifo, flavours=tuple(flavours))
+
+
+def _classify_key(path: str, key: str) -> tuple[str, str]:
+    m = _LORA_KEY.match(key)
+    if m:
+        module = m["module"]
+        return (module[len(PEFT_PREFIX) :] if module.startswith(PEFT_PREFIX) else module), m["ab"]
+    for pattern, what in _UNSUPPORTED_KEYS:
+        if pattern.search(key):
+            raise UnsupportedAdapter(
+                f"{path}: tensor {key!r} is {what}, which streammerge cannot merge yet; refusing rather than dropping it"
+            )
+    raise UnsupportedAdapter(f"{path}: tensor {key!r} is not a LoRA factor streammerge knows; refusing rather than dropping it")
+
+
+def _make_pair(
+    path: str, module: str, ab: dict[str, TensorInfo], r: int, alpha: float, rslora: bool, ranks: dict[str, int], alphas: dict[str, float]
+) -> LoraPair:
+    if "A" not in ab or "B" not in ab:
+        have, missing = ("A", "B") if "A" in ab else ("B", "A")
+        raise BadAdapter(f"{path}: tensor {ab[have].name!r} has no matching lora_{missing}")
+    a, b = ab["A"], ab["B"]
+    for t in (a, b):
+        if t.dtype not in FLOAT_DTYPES:
+            raise BadAdapter(f"{path}: tensor {t.name!r} has dtype {t.dtype}; LoRA factors must be F16, BF16, F32 or F64")
+        if len(t.shape) != 2:
+            raise UnsupportedAdapter(
+                f"{path}: tensor {t.name!r} has shape {list(t.shape)}; only LoRA on linear layers (2-D factors) is supported"
+            )
+    if a.shape[0] != b.shape[1]:
+        raise BadAdapter(f"{path}: tensor {a.name!r} has rank {a.shape[0]} but {b.name!r} has rank {b.shape[1]}")
+    rank_key = pattern_key(list(ranks), module)
+    alpha_key = pattern_key(list(alphas), module)
+    rank = ranks[rank_key] if rank_key is not None else r
+    lora_alpha = float(alphas[alpha_key]) if alpha_key is not None else alpha
+    if a.shape[0] != rank:
+        raise BadAdapter(f"{path}: tensor {a.name!r} has rank {a.shape[0]} but adapter_config.json gives r={rank} for {module!r}")
+    scale = lora_alpha / math.sqrt(rank) if rslora else lora_alpha / rank
+    return LoraPair(module=module, a=a, b=b, rank=rank, alpha=lora_alpha, scale=scale)

@@ -1,0 +1,219 @@
+"""safetensors headers: parse and validate what is on disk, lay out what we will write.
+
+A file is an 8-byte little-endian header length N, N bytes of JSON, then the data section. The
+JSON maps each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` with offsets
+relative to the data section; an optional ``__metadata__`` maps strings to strings. Tensors must
+tile the data section exactly (no holes, no overlaps, nothing after the last one) and each byte
+range must equal dtype size x shape. We refuse exactly what the reference reader refuses, with our
+own messages, and never allocate from an unchecked length.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from streammerge.errors import BadCheckpoint
+
+MAX_HEADER_BYTES = 100_000_000
+"""The reference reader refuses longer headers; so do we."""
+
+DTYPE_SIZES: dict[str, int] = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
+    "U16": 2,
+    "I16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "U32": 4,
+    "I32": 4,
+    "F32": 4,
+    "U64": 8,
+    "I64": 8,
+    "F64": 8,
+}
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+"""Floating dtypes streammerge computes in; float8 tensors are only ever copied."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a safetensors file: where its bytes are (absolute file offset) and what they are."""
+
+    path: str
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Header:
+    """A parsed, validated safetensors header."""
+
+    path: str
+    file_size: int
+    data_start: int
+    tensors: tuple[TensorInfo, ...]
+    metadata: dict[str, str]
+
+    def by_name(self) -> dict[str, TensorInfo]:
+        return {t.name: t for t in self.tensors}
+
+
+def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes of a C-contiguous tensor: dtype size x number of elements (a 0-d tensor has one)."""
+    return DTYPE_SIZES[dtype] * math.prod(shape)
+
+
+def read_header(path: str | os.PathLike[str]) -> Header:
+    """Read and validate the header of one safetensors file, reading no tensor data.
+
+    Example::
+
+        header = read_header("model.safetensors")
+        print([(t.name, t.dtype, t.shape) for t in header.tensors])
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise BadCheckpoint(f"{path}: not a safetensors file ({file_size} bytes, shorter than the 8-byte header length)")
+            (n,) = struct.unpack("<Q", prefix)
+            _check_header_length(path, n, file_size)
+            raw = f.read(n)
+    except OSError as e:
+        raise BadCheckpoint(f"{path}: cannot read ({e.strerror or e})") from e
+    if len(raw) != n:
+        raise BadCheckpoint(f"{path}: file shrank while reading its header")
+    return parse_header(raw, path=path, file_size=file_size)
+
+
+def _check_header_length(path: str, n: int, file_size: int) -> None:
+    if n > MAX_HEADER_BYTES:
+        raise BadCheckpoint(f"{path}: header length {n} is absurd (limit {MAX_HEADER_BYTES}); not a safetensors file?")
+    if 8 + n > file_size:
+        raise BadCheckpoint(f"{path}: header length {n} runs past the end of the file ({file_size} bytes); truncated or not safetensors")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def parse_header(raw: bytes, *, path: str, file_size: int) -> Header:
+    """Validate header JSON ``raw`` of a file of ``file_size`` bytes. Pure: no IO.
+
+    Raises :class:`BadCheckpoint` naming ``path`` and the tensor for anything the reference reader
+    would refuse.
+    """
+    _check_header_length(path, len(raw), file_size)
+    data_start = 8 + len(raw)
+    data_size = file_size - data_start
+    try:
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except UnicodeDecodeError as e:
+        raise BadCheckpoint(f"{path}: header is not UTF-8 (byte {e.start})") from e
+    except (json.JSONDecodeError, ValueError, RecursionError) as e:
+        raise BadCheckpoint(f"{path}: header is not valid JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise BadCheckpoint(f"{path}: header must be a JSON object, found {type(obj).__name__}")
+
+    metadata = obj.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise BadCheckpoint(f"{path}: __metadata__ must map strings to strings")
+
+    tensors = [_parse_entry(path, name, entry, data_start) for name, entry in obj.items()]
+    tensors.sort(key=lambda t: (t.offset, t.nbytes))
+    cursor = data_start
+    for t in tensors:
+        if t.offset != cursor:
+            what = "overlaps the previous tensor" if t.offset < cursor else f"leaves a hole of {t.offset - cursor} bytes before it"
+            raise BadCheckpoint(f"{path}: tensor {t.name!r} at data offset {t.offset - data_start} {what}")
+        cursor += t.nbytes
+    if cursor != file_size:
+        if cursor > file_size:
+            last = tensors[-1].name if tensors else "?"
+            raise BadCheckpoint(f"{path}: tensor {last!r} ends at byte {cursor} but the file has {file_size} bytes (truncated?)")
+        raise BadCheckpoint(
+            f"{path}: {file_size - cursor} bytes after the last tensor are not described by the header (data section {data_size} bytes)"
+        )
+    return Header(path=path, file_size=file_size, data_start=data_start, tensors=tuple(tensors), metadata=dict(metadata))
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _parse_entry(path: str, name: str, entry: object, data_start: int) -> TensorInfo:
+    where = f"{path}: tensor {name!r}"
+    if not name:
+        raise BadCheckpoint(f"{path}: a tensor has an empty name")
+    if not isinstance(entry, dict):
+        raise BadCheckpoint(f"{where}: entry must be an object, found {type(entry).__name__}")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise BadCheckpoint(f"{where}: unsupported or missing dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise BadCheckpoint(f"{where}: shape must be a list of non-negative integers, found {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)):
+        raise BadCheckpoint(f"{where}: data_offsets must be [begin, end] non-negative integers, found {offsets!r}")
+    begin, end = offsets
+    if end < begin:
+        raise BadCheckpoint(f"{where}: data_offsets end {end} is before begin {begin}")
+    shape_t = tuple(shape)
+    expected = tensor_nbytes(dtype, shape_t)
+    if end - begin != expected:
+        raise BadCheckpoint(f"{where}: holds {end - begin} bytes but {dtype} x {list(shape_t)} needs {expected}")
+    return TensorInfo(path=path, name=name, dtype=dtype, shape=shape_t, offset=data_start + begin, nbytes=expected)
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """What the writer needs to lay one tensor out: name, dtype and shape (bytes follow from them)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def build_header(tensors: list[OutputTensor], metadata: dict[str, str] | None = None) -> tuple[bytes, list[int]]:
+    """Lay out a safetensors file whose data follow ``tensors`` in the given order.
+
+    Returns the complete header (8-byte length + JSON padded with spaces so data start on an
+    8-byte boundary) and each tensor's absolute byte offset in the file. Pure.
+
+    Example::
+
+        head, offsets = build_header([OutputTensor("w", "BF16", (2, 3))], {"format": "pt"})
+        assert offsets == [len(head)]
+    """
+    entries: dict[str, Any] = {}
+    if metadata:
+        entries["__metadata__"] = dict(metadata)
+    rel: list[int] = []
+    cursor = 0
+    for t in tensors:
+        n = tensor_nbytes(t.dtype, t.shape)
+        entries[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [cursor, cursor + n]}
+        rel.append(cursor)
+        cursor += n
+    body = json.dumps(entries, separators=(",", ":")).encode("utf-8")
+    body += b" " * (-(8 + len(body)) % 8)
+    head = struct.pack("<Q", len(body)) + body
+    return head, [len(head) + r for r in rel]

@@ -1,0 +1,109 @@
+"""Tensor math, nothing else: the LoRA merge of one row tile, and dtype mapping.
+
+Pure functions of tensors (no files, no plan). Merges accumulate in float64 and round once to
+the output dtype: ``acc = W; acc += scale * (B @ A)`` with ``addmm_`` (no ``B @ A``
+temporary of the full weight), then one cast into the output buffer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+ACCUMULATE = torch.float64
+"""Merges accumulate in float64: with float32, W + s*B@A loses the last bit when the sum nearly
+cancels (seen in ~1 of 10^5 elements), while the float64 sum rounded once is within one ulp of
+the exact result everywhere. With reused buffers it costs the same time as float32 here."""
+
+
+@dataclass(frozen=True)
+class Factors:
+    """One LoRA term ready for the merge: A (r, in) and B (out, r) in the accumulation dtype."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+    transpose: bool
+
+
+def merge_rows(w_rows: torch.Tensor, factors: list[Factors], row0: int, acc: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Rows ``row0 : row0 + len(w_rows)`` of ``W + sum(scale * B @ A)``, rounded once into ``out``.
+
+    ``w_rows`` is a (rows, cols) slice of the base weight in any float dtype; ``acc`` (float64) and
+    ``out`` are caller-owned buffers of the same shape, reused across tiles so no fresh memory is
+    faulted in per tile. With ``transpose`` (fan_in_fan_out bases store W as (in, out)) the delta
+    is ``(B @ A).T``, whose rows are the columns of A. Returns ``out``.
+
+    >>> w = torch.zeros(2, 3, dtype=torch.bfloat16)
+    >>> f = Factors(a=torch.ones(1, 3, dtype=ACCUMULATE), b=torch.tensor([[1.0], [2.0]], dtype=ACCUMULATE), scale=0.5, transpose=False)
+    >>> merge_rows(w, [f], 0, torch.empty(2, 3, dtype=ACCUMULATE), torch.empty(2, 3)).tolist()
+    [[0.5, 0.5, 0.5], [1.0, 1.0, 1.0]]
+    """
+    n = w_rows.shape[0]
+    acc.copy_(w_rows)
+    for f in factors:
+        if f.transpose:
+            acc.addmm_(f.a[:, row0 : row0 + n].T, f.b.T, alpha=f.scale)
+        else:
+            acc.addmm_(f.b[row0 : row0 + n], f.a, alpha=f.scale)
+    return out.copy_(acc)
+
+
+class Workspace:
+    """Flat buffers reused from tile to tile (grown, never shrunk), keyed by role and dtype.
+
+    ``get`` gives buffers on the compute device; ``host`` gives CPU buffers (pinned when the
+    device is a GPU, so copies back are fast).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._buffers: dict[tuple[str, torch.dtype, bool], torch.Tensor] = {}
+
+    def get(self, role: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        return self._buffer(role, dtype, shape, on_host=False)
+
+    def host(self, role: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        return self._buffer(role, dtype, shape, on_host=True)
+
+    def _buffer(self, role: str, dtype: torch.dtype, shape: tuple[int, ...], on_host: bool) -> torch.Tensor:
+        numel = 1
+        for d in shape:
+            numel *= d
+        key = (role, dtype, on_host)
+        buf = self._buffers.pop(key, None)
+        if buf is None or buf.numel() < numel:
+            del buf
+            if on_host:
+                buf = torch.empty(numel, dtype=dtype, pin_memory=self.device.type == "cuda")
+            else:
+                buf = torch.empty(numel, dtype=dtype, device=self.device)
+        self._buffers[key] = buf
+        return buf[:numel].view(shape)
+
+
+def as_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a CPU tensor, without a copy when it is contiguous."""
+    flat = t.contiguous().reshape(-1)
+    array = flat.view(torch.uint8).numpy()
+    return memoryview(array.data).cast("B")

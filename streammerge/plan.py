@@ -1,0 +1,549 @@
+"""Headers in, plan out: every work unit, output shard and byte offset, decided before any data moves.
+
+The planner reads safetensors headers and small JSON files only. It maps each adapter pair onto
+its base tensor, checks shapes, picks an operation per output tensor (``copy`` bytes unchanged,
+``cast`` to another dtype, ``merge`` LoRA terms), lays out the output shards and fixes every
+tensor's byte offset, then estimates peak memory and output size. The result, :class:`Plan`, is
+plain frozen data that round-trips through JSON; the executor makes no layout decisions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from streammerge.errors import AdapterMismatch, BadCheckpoint, OutputError, PlanMismatch, StreamMergeError
+from streammerge.formats.checkpoint import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    SINGLE_NAME,
+    WEIGHT_SUFFIXES,
+    Checkpoint,
+    is_quantized,
+    open_checkpoint,
+)
+from streammerge.formats.peft import Adapter, LoraPair, open_adapter
+from streammerge.formats.safetensors import DTYPE_SIZES, FLOAT_DTYPES, OutputTensor, TensorInfo, build_header
+from streammerge.units import parse_dtype, parse_size
+
+PLAN_VERSION = 1
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+DEFAULT_TILE_BYTES = 64 * 2**20
+RUNTIME_BASE_BYTES = 400 * 2**20
+"""Resident memory of the interpreter with torch imported, before any tensor (measured ~230 MB, padded)."""
+PER_UNIT_BOOKKEEPING_BYTES = 4096
+"""Plan objects and progress state per work unit, resident for the whole run."""
+TOKENIZER_FILE_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "chat_template", "vocab", "merges")
+TOKENIZER_FILE_SUFFIXES = (".model", ".tiktoken")
+
+Op = Literal["copy", "cast", "merge"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a tensor's bytes are: file, absolute offset, length, and what they hold."""
+
+    file: str
+    offset: int
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, t: TensorInfo) -> Source:
+        return cls(file=t.path, offset=t.offset, nbytes=t.nbytes, dtype=t.dtype, shape=t.shape)
+
+
+@dataclass(frozen=True)
+class LoraTerm:
+    """``scale * (b @ a)`` added to the base weight (transposed when the base stores (in, out))."""
+
+    a: Source
+    b: Source
+    scale: float
+    transpose: bool
+    adapter: int
+    """Index into :attr:`Plan.adapters`."""
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """One output tensor: its source, what to do, and exactly where its bytes go."""
+
+    name: str
+    op: Op
+    source: Source
+    lora: tuple[LoraTerm, ...]
+    out_dtype: str
+    shape: tuple[int, ...]
+    shard: int
+    offset: int
+    nbytes: int
+    rows: int
+    row_elems: int
+    tile_rows: int
+    """The unit is processed as a (rows, row_elems) matrix, ``tile_rows`` rows at a time."""
+    work_bytes: int
+    """Bytes this unit's tile needs beyond the runtime (mapped source, accumulator, output, factors)."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    file: str
+    header: str
+    """The complete header as written: 8-byte length prefix as 16 hex digits, then the JSON text."""
+    size: int
+    tensors: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CopyFile:
+    src: str
+    dst: str
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    path: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What the run will need. ``peak_host_bytes`` is an upper bound of the run's peak RSS."""
+
+    peak_host_bytes: int
+    peak_device_bytes: int
+    output_bytes: int
+    read_bytes: int
+    tile_bytes: int
+    units: dict[str, int]
+    largest_unit: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a run needs, as data. Save with :meth:`save`, reload with :meth:`load`."""
+
+    version: int
+    base: str
+    adapters: tuple[str, ...]
+    out: str
+    dtype: str
+    """Requested output dtype: a safetensors dtype name, or "auto" (each tensor keeps its own)."""
+    device: str
+    overwrite: bool
+    max_shard_bytes: int
+    units: tuple[WorkUnit, ...]
+    shards: tuple[Shard, ...]
+    copy_files: tuple[CopyFile, ...]
+    config: dict[str, Any] | None
+    """config.json to write (quantization_config dropped, dtype set), or None if the base has none."""
+    inputs: tuple[Fingerprint, ...]
+    estimate: Estimate
+    notes: tuple[str, ...] = field(default=())
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the plan as JSON; ``Plan.load`` gives back an equal plan."""
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Plan:
+        try:
+            with open(path, encoding="utf-8") as f:
+                obj = json.load(f)
+        except (OSError, ValueError) as e:
+            raise PlanMismatch(f"{os.fspath(path)}: cannot read plan ({e})") from e
+        return plan_from_dict(obj, where=os.fspath(path))
+
+    def index(self) -> dict[str, Any]:
+        """The ``model.safetensors.index.json`` content of the output."""
+        total = sum(u.nbytes for u in self.units)
+        params = sum(math.prod(u.shape) for u in self.units)
+        weight_map = {u.name: self.shards[u.shard].file for u in sorted(self.units, key=lambda u: u.name)}
+        return {"metadata": {"total_size": total, "total_parameters": params}, "weight_map": weight_map}
+
+
+def _tuple(x: Any) -> tuple[Any, ...]:
+    return tuple(x)
+
+
+def plan_from_dict(obj: Any, where: str = "plan") -> Plan:
+    """Rebuild a :class:`Plan` from its JSON form, refusing plans of another version."""
+    try:
+        if obj.get("version") != PLAN_VERSION:
+            raise PlanMismatch(f"{where}: plan version {obj.get('version')!r}, this streammerge reads version {PLAN_VERSION}")
+
+        def src(d: dict[str, Any]) -> Source:
+            return Source(**{**d, "shape": _tuple(d["shape"])})
+
+        units = tuple(
+            WorkUnit(
+                **{
+                    **u,
+                    "source": src(u["source"]),
+                    "shape": _tuple(u["shape"]),
+                    "lora": tuple(LoraTerm(**{**t, "a": src(t["a"]), "b": src(t["b"])}) for t in u["lora"]),
+                }
+            )
+            for u in obj["units"]
+        )
+        return Plan(
+            **{
+                **obj,
+                "adapters": _tuple(obj["adapters"]),
+                "units": units,
+                "shards": tuple(Shard(**{**s, "tensors": _tuple(s["tensors"])}) for s in obj["shards"]),
+                "copy_files": tuple(CopyFile(**c) for c in obj["copy_files"]),
+                "inputs": tuple(Fingerprint(**i) for i in obj["inputs"]),
+                "estimate": Estimate(**obj["estimate"]),
+                "notes": _tuple(obj.get("notes", ())),
+            }
+        )
+    except StreamMergeError:
+        raise
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise PlanMismatch(f"{where}: not a streammerge plan ({type(e).__name__}: {e})") from e
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning
+
+
+def plan(
+    base: str | os.PathLike[str],
+    adapters: list[str] | list[os.PathLike[str]] | tuple[str, ...],
+    out: str | os.PathLike[str],
+    *,
+    dtype: str = "auto",
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
+    tile_size: int | str = DEFAULT_TILE_BYTES,
+    device: str = "auto",
+    overwrite: bool = False,
+) -> Plan:
+    """Plan merging LoRA ``adapters`` into the safetensors model ``base``, writing to ``out``.
+
+    Reads headers and JSON only. ``dtype`` is "auto" (keep each tensor's dtype) or one of
+    bfloat16/bf16, float16/fp16, float32/fp32; sizes accept ints or strings like "5GB", "512MiB".
+
+    Example::
+
+        p = streammerge.plan("./base", ["./my-lora"], out="./merged", dtype="bfloat16")
+        print(p.estimate.peak_host_bytes, p.estimate.output_bytes)
+        p.save("plan.json")
+    """
+    out_dtype = parse_dtype(dtype)
+    max_shard_bytes = parse_size(max_shard_size, "max shard size")
+    tile_bytes = parse_size(tile_size, "tile size")
+    if device not in ("auto", "cpu", "cuda"):
+        raise StreamMergeError(f"device must be auto, cpu or cuda, not {device!r}")
+    if not adapters:
+        raise StreamMergeError("give at least one adapter folder")
+    ckpt = open_checkpoint(base)
+    quant = is_quantized(ckpt)
+    if quant:
+        raise BadCheckpoint(f"{ckpt.root}: base is quantized ({quant}); merging into quantized bases is not supported yet")
+    opened = [open_adapter(a) for a in adapters]
+    out_path = os.path.abspath(os.fspath(out))
+    check_output(out_path, [ckpt.root, *(a.root for a in opened)], overwrite)
+
+    terms = map_lora_terms(ckpt, opened)
+    specs = [_unit_spec(t, terms.get(t.name, ()), out_dtype, tile_bytes) for t in ckpt.ordered()]
+    units, shards = layout_shards(specs, max_shard_bytes)
+    copy_files = _files_to_copy(ckpt.root, [a.root for a in opened])
+    config = output_config(ckpt.config, out_dtype)
+    inputs = _fingerprints(ckpt, opened, copy_files)
+    notes = (
+        [f"{len(ckpt.ignored)} tensors stored in shards but absent from the index are not written (the index is authoritative)"]
+        if ckpt.ignored
+        else []
+    )
+    estimate = estimate_run(units, shards, copy_files, config, tile_bytes, device)
+    return Plan(
+        version=PLAN_VERSION,
+        base=ckpt.root,
+        adapters=tuple(a.root for a in opened),
+        out=out_path,
+        dtype=out_dtype,
+        device=device,
+        overwrite=overwrite,
+        max_shard_bytes=max_shard_bytes,
+        units=tuple(units),
+        shards=tuple(shards),
+        copy_files=tuple(copy_files),
+        config=config,
+        inputs=inputs,
+        estimate=estimate,
+        notes=tuple(notes),
+    )
+
+
+def check_output(out: str, inputs: list[str], overwrite: bool) -> None:
+    """Refuse an output that exists (unless overwrite), or that is, holds, or lies inside an input."""
+    real_out = os.path.realpath(out)
+    for root in inputs:
+        real_in = os.path.realpath(root)
+        if real_out == real_in or real_out.startswith(real_in + os.sep):
+            raise OutputError(f"{out}: output folder lies inside input folder {root}; choose a folder outside the inputs")
+        if real_in.startswith(real_out + os.sep):
+            raise OutputError(f"{out}: output folder contains input folder {root}; choose another output folder")
+    if os.path.lexists(out) and not overwrite:
+        raise OutputError(f"{out}: output folder already exists; pass --overwrite to replace it")
+    parent = os.path.dirname(real_out)
+    if not os.path.isdir(parent):
+        raise OutputError(f"{out}: parent folder {parent} does not exist")
+
+
+def find_base_tensor(ckpt: Checkpoint, module: str) -> TensorInfo | None:
+    """The base weight a LoRA module adapts: ``<module>.weight``, else the unique tensor ending so."""
+    exact = ckpt.tensors.get(module + ".weight")
+    if exact is not None:
+        return exact
+    suffix = "." + module + ".weight"
+    found = [t for name, t in ckpt.tensors.items() if name.endswith(suffix)]
+    if len(found) == 1:
+        return found[0]
+    # The base may be saved without the wrapper prefix PEFT saw (e.g. "model."): try dropping it.
+    head, _, rest = module.partition(".")
+    return ckpt.tensors.get(rest + ".weight") if head and rest else None
+
+
+def map_lora_terms(ckpt: Checkpoint, adapters: list[Adapter]) -> dict[str, tuple[LoraTerm, ...]]:
+    """Map every adapter pair to its base tensor, checking shapes; base name -> LoRA terms."""
+    terms: dict[str, list[LoraTerm]] = {}
+    for index, adapter in enumerate(adapters):
+        for pair in adapter.pairs:
+            target = find_base_tensor(ckpt, pair.module)
+            if target is None:
+                raise AdapterMismatch(_no_target_message(ckpt, adapter, pair))
+            _check_pair_shape(adapter, pair, target)
+            term = LoraTerm(a=Source.of(pair.a), b=Source.of(pair.b), scale=pair.scale, transpose=adapter.fan_in_fan_out, adapter=index)
+            terms.setdefault(target.name, []).append(term)
+    return {name: tuple(ts) for name, ts in terms.items()}
+
+
+def _no_target_message(ckpt: Checkpoint, adapter: Adapter, pair: LoraPair) -> str:
+    name = pair.module + ".weight"
+    tied = (ckpt.config or {}).get("tie_word_embeddings")
+    if name.endswith("lm_head.weight") and tied:
+        return f"{adapter.weights_path}: tensor {pair.a.name!r} adapts {name}, which is tied to the input embeddings in this base (tie_word_embeddings); merging into one side of a tied pair is not supported yet"
+    return f"{adapter.weights_path}: tensor {pair.a.name!r} adapts {name!r}, which the base {ckpt.root} does not have (different model?)"
+
+
+def _check_pair_shape(adapter: Adapter, pair: LoraPair, target: TensorInfo) -> None:
+    where = f"{adapter.weights_path}: tensor {pair.a.name!r} for base tensor {target.name!r}"
+    if target.dtype not in FLOAT_DTYPES:
+        raise AdapterMismatch(f"{where}: base tensor has dtype {target.dtype}; only F16/BF16/F32/F64 weights can take a LoRA delta")
+    out_features, in_features = pair.b.shape[0], pair.a.shape[1]
+    expected = (in_features, out_features) if adapter.fan_in_fan_out else (out_features, in_features)
+    if target.shape != expected:
+        layout = "(in, out) as fan_in_fan_out=true says" if adapter.fan_in_fan_out else "(out, in)"
+        hint = " (the base looks transposed: check fan_in_fan_out)" if target.shape == expected[::-1] else ""
+        raise AdapterMismatch(f"{where}: LoRA gives {layout} = {list(expected)} but the base tensor is {list(target.shape)}{hint}")
+
+
+@dataclass(frozen=True)
+class _UnitSpec:
+    """A work unit before the layout fixes its shard and offset."""
+
+    name: str
+    op: Op
+    source: Source
+    lora: tuple[LoraTerm, ...]
+    out_dtype: str
+    rows: int
+    row_elems: int
+    tile_rows: int
+    work_bytes: int
+
+
+ACC_SIZE = 8
+"""Bytes per element of the float64 accumulator (see streammerge.kernels.ACCUMULATE)."""
+
+
+def _unit_spec(t: TensorInfo, lora: tuple[LoraTerm, ...], out_dtype: str, tile_bytes: int) -> _UnitSpec:
+    dtype = t.dtype if out_dtype == "auto" or t.dtype not in FLOAT_DTYPES else out_dtype
+    op: Op = "merge" if lora else ("copy" if dtype == t.dtype else "cast")
+    s_in, s_out = DTYPE_SIZES[t.dtype], DTYPE_SIZES[dtype]
+    if op == "merge":
+        rows, row_elems = t.shape[0], t.shape[1]
+        row_cost = row_elems * (s_in + ACC_SIZE + s_out)  # mapped source row, accumulator row, output row
+        factors = sum(_factor_bytes(term) for term in lora)
+    else:
+        # copy/cast do not care about the shape: stream the flat elements
+        rows, row_elems = math.prod(t.shape), 1
+        row_cost = s_in + s_out if op == "cast" else s_in
+        factors = 0
+    tile_rows = max(1, min(rows, tile_bytes // max(1, row_cost)))
+    work = tile_rows * row_cost + factors
+    return _UnitSpec(t.name, op, Source.of(t), lora, dtype, rows, row_elems, tile_rows, work)
+
+
+def _factor_bytes(term: LoraTerm) -> int:
+    """A and B held in float64 for the whole unit, plus their mapped pages while being read."""
+    elems = math.prod(term.a.shape) + math.prod(term.b.shape)
+    return elems * ACC_SIZE + term.a.nbytes + term.b.nbytes
+
+
+def layout_shards(specs: list[_UnitSpec], max_shard_bytes: int) -> tuple[list[WorkUnit], list[Shard]]:
+    """Assign units to shards in order, starting a new shard when the next tensor would overflow.
+
+    A tensor larger than ``max_shard_bytes`` gets a shard of its own. Shards are named as
+    transformers names them: ``model.safetensors`` alone, else ``model-0000i-of-0000N.safetensors``.
+    Pure: returns units with their absolute byte offsets, and the shards with their headers.
+    """
+    groups: list[list[_UnitSpec]] = []
+    current = 0
+    for s in specs:
+        n = DTYPE_SIZES[s.out_dtype] * math.prod(s.source.shape)
+        if not groups or (groups[-1] and current + n > max_shard_bytes):
+            groups.append([])
+            current = 0
+        groups[-1].append(s)
+        current += n
+    if not groups:
+        raise BadCheckpoint("the base holds no tensors")
+    names = [SINGLE_NAME] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    units: list[WorkUnit] = []
+    shards: list[Shard] = []
+    for index, (name, group) in enumerate(zip(names, groups, strict=True)):
+        layout = [OutputTensor(s.name, s.out_dtype, s.source.shape) for s in group]
+        head, offsets = build_header(layout, {"format": "pt"})
+        size = len(head) + sum(DTYPE_SIZES[t.dtype] * math.prod(t.shape) for t in layout)
+        shards.append(Shard(file=name, header=head[:8].hex() + head[8:].decode("ascii"), size=size, tensors=tuple(s.name for s in group)))
+        for s, offset in zip(group, offsets, strict=True):
+            nbytes = DTYPE_SIZES[s.out_dtype] * math.prod(s.source.shape)
+            units.append(
+                WorkUnit(
+                    name=s.name, op=s.op, source=s.source, lora=s.lora, out_dtype=s.out_dtype, shape=s.source.shape,
+                    shard=index, offset=offset, nbytes=nbytes, rows=s.rows, row_elems=s.row_elems,
+                    tile_rows=s.tile_rows, work_bytes=s.work_bytes,
+                )
+            )  # fmt: skip
+    return units, shards
+
+
+def shard_header_bytes(shard: Shard) -> bytes:
+    """Decode :attr:`Shard.header` back into the bytes written at the start of the shard file."""
+    return bytes.fromhex(shard.header[:16]) + shard.header[16:].encode("ascii")
+
+
+_DTYPE_CONFIG_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+
+
+def output_config(config: dict[str, Any] | None, out_dtype: str) -> dict[str, Any] | None:
+    """config.json for the merged model: no quantization_config; dtype set when one was asked for."""
+    if config is None:
+        return None
+    result = {k: v for k, v in config.items() if k != "quantization_config"}
+    if out_dtype != "auto":
+        # transformers 5 reads "dtype", older versions "torch_dtype": write both.
+        result["dtype"] = result["torch_dtype"] = _DTYPE_CONFIG_NAMES[out_dtype]
+    return result
+
+
+def _is_weight_file(name: str) -> bool:
+    return name.endswith(WEIGHT_SUFFIXES) or name == INDEX_NAME or name.endswith(".index.json")
+
+
+def _is_tokenizer_file(name: str) -> bool:
+    return name.startswith(TOKENIZER_FILE_PREFIXES) or name.endswith(TOKENIZER_FILE_SUFFIXES)
+
+
+def _files_to_copy(base: str, adapters: list[str]) -> list[CopyFile]:
+    """Base files that are not weights (tokenizer, generation config, ...); an adapter's tokenizer wins."""
+    chosen: dict[str, str] = {}
+    for name in sorted(os.listdir(base)):
+        path = os.path.join(base, name)
+        if name != CONFIG_NAME and not name.startswith(".") and not _is_weight_file(name) and os.path.isfile(path):
+            chosen[name] = path
+    for root in adapters:
+        for name in sorted(os.listdir(root)):
+            path = os.path.join(root, name)
+            if _is_tokenizer_file(name) and os.path.isfile(path):
+                chosen[name] = path
+    return [CopyFile(src=src, dst=name) for name, src in sorted(chosen.items())]
+
+
+def _fingerprint(path: str) -> Fingerprint:
+    st = os.stat(path)
+    return Fingerprint(path=path, size=st.st_size, mtime_ns=st.st_mtime_ns)
+
+
+def _fingerprints(ckpt: Checkpoint, adapters: list[Adapter], copy_files: list[CopyFile]) -> tuple[Fingerprint, ...]:
+    paths = [h.path for h in ckpt.headers] + [a.weights_path for a in adapters] + [c.src for c in copy_files]
+    config = os.path.join(ckpt.root, CONFIG_NAME)
+    if ckpt.config is not None:
+        paths.append(config)
+    return tuple(_fingerprint(p) for p in dict.fromkeys(paths))
+
+
+def check_inputs_unchanged(p: Plan) -> None:
+    """Refuse to run a plan whose input files changed (size or mtime) since it was made."""
+    for fp in p.inputs:
+        try:
+            now = _fingerprint(fp.path)
+        except OSError as e:
+            raise PlanMismatch(f"{fp.path}: input of the plan is gone ({e.strerror or e}); plan again") from e
+        if (now.size, now.mtime_ns) != (fp.size, fp.mtime_ns):
+            raise PlanMismatch(f"{fp.path}: input changed since the plan was made (size or mtime); plan again")
+
+
+def buffer_bytes(units: list[WorkUnit]) -> int:
+    """Bytes of the executor's reusable buffers: for each (role, dtype), the largest tile needs."""
+    largest: Counter[tuple[str, str]] = Counter()
+    for u in units:
+        if u.op == "copy":
+            continue
+        elems = u.tile_rows * u.row_elems
+        needs = [("out", u.out_dtype, elems * DTYPE_SIZES[u.out_dtype])]
+        if u.op == "merge":
+            needs.append(("acc", "F64", elems * ACC_SIZE))
+        for role, dtype, nbytes in needs:
+            largest[role, dtype] = max(largest[role, dtype], nbytes)
+    return sum(largest.values())
+
+
+def estimate_run(
+    units: list[WorkUnit], shards: list[Shard], copy_files: list[CopyFile], config: dict[str, Any] | None, tile_bytes: int, device: str
+) -> Estimate:
+    """Upper bounds for the run.
+
+    Peak RSS = runtime (interpreter + torch) + per-unit bookkeeping + the reusable buffers (each
+    sized by the largest tile that needs it) + the largest transient: one tile of mapped source
+    pages plus one unit's LoRA factors.
+    """
+    largest = max(units, key=lambda u: u.work_bytes)
+
+    def transient(u: WorkUnit) -> int:
+        mapped = u.tile_rows * u.row_elems * DTYPE_SIZES[u.source.dtype]
+        return mapped + sum(_factor_bytes(t) for t in u.lora)
+
+    buffers = buffer_bytes(units)
+    host = RUNTIME_BASE_BYTES + PER_UNIT_BOOKKEEPING_BYTES * len(units) + buffers + max(transient(u) for u in units)
+    computed = [u for u in units if u.op != "copy"]
+    # On a GPU the same buffers live on the device, plus the staged input tile and the factors.
+    device_bytes = 0 if device == "cpu" or not computed else buffers + max(transient(u) for u in computed)
+    meta = len(json.dumps(config or {}, indent=2)) + 64 * len(units) + 4096
+    output = sum(s.size for s in shards) + sum(os.path.getsize(c.src) for c in copy_files) + meta
+    read = sum(u.source.nbytes + sum(t.a.nbytes + t.b.nbytes for t in u.lora) for u in units)
+    return Estimate(
+        peak_host_bytes=host,
+        peak_device_bytes=device_bytes,
+        output_bytes=output,
+        read_bytes=read,
+        tile_bytes=tile_bytes,
+        units=dict(Counter(u.op for u in units)),
+        largest_unit=largest.name,
+    )
