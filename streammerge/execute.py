@@ -118,6 +118,8 @@ def _run_unit(unit: WorkUnit, files: SourceFiles, writer: Writer, work: Workspac
         first, count = row0 * unit.row_elems, n * unit.row_elems
         shape = (n, unit.row_elems)
         tile = files.tensor(src, first, count).view(shape)
+        if unit.base_dtype != src.dtype:  # a base weight saved with the adapter: as loaded into the base
+            tile = tile.to(TORCH_DTYPES[unit.base_dtype])
         if not on_cpu:
             tile = work.get("in", tile.dtype, shape).copy_(tile)
         out = work.get("out", out_dtype, shape)

@@ -81,6 +81,9 @@ class WorkUnit:
     source: Source
     lora: tuple[LoraTerm, ...]
     out_dtype: str
+    base_dtype: str
+    """The dtype the base model holds this weight in. A source in another dtype (a weight PEFT
+    saved with the adapter) is rounded to it first, as loading it into the base model would."""
     shape: tuple[int, ...]
     shard: int
     offset: int
@@ -258,8 +261,8 @@ def plan(
     out_path = os.path.abspath(os.fspath(out))
     check_output(out_path, [ckpt.root, *(a.root for a in opened)], overwrite)
 
-    terms = map_lora_terms(ckpt, opened)
-    specs = [_unit_spec(t, terms.get(t.name, ()), out_dtype, tile_bytes) for t in ckpt.ordered()]
+    updates = map_lora_terms(ckpt, opened)
+    specs = [_unit_spec(t, updates.get(t.name, BaseUpdate(())), out_dtype, tile_bytes) for t in ckpt.ordered()]
     units, shards = layout_shards(specs, max_shard_bytes)
     copy_files = _files_to_copy(ckpt.root, [a.root for a in opened])
     config = output_config(ckpt.config, out_dtype)
@@ -319,9 +322,18 @@ def find_base_tensor(ckpt: Checkpoint, module: str) -> TensorInfo | None:
     return ckpt.tensors.get(rest + ".weight") if head and rest else None
 
 
-def map_lora_terms(ckpt: Checkpoint, adapters: list[Adapter]) -> dict[str, tuple[LoraTerm, ...]]:
-    """Map every adapter pair to its base tensor, checking shapes; base name -> LoRA terms."""
+@dataclass(frozen=True)
+class BaseUpdate:
+    """What the adapters do to one base tensor: LoRA terms, and maybe a replacement source."""
+
+    terms: tuple[LoraTerm, ...]
+    source: TensorInfo | None = None
+
+
+def map_lora_terms(ckpt: Checkpoint, adapters: list[Adapter]) -> dict[str, BaseUpdate]:
+    """Map every adapter pair to its base tensor, checking shapes; base name -> update."""
     terms: dict[str, list[LoraTerm]] = {}
+    sources: dict[str, TensorInfo] = {}
     for index, adapter in enumerate(adapters):
         for pair in adapter.pairs:
             target = find_base_tensor(ckpt, pair.module)
@@ -330,7 +342,20 @@ def map_lora_terms(ckpt: Checkpoint, adapters: list[Adapter]) -> dict[str, tuple
             _check_pair_shape(adapter, pair, target)
             term = LoraTerm(a=Source.of(pair.a), b=Source.of(pair.b), scale=pair.scale, transpose=adapter.fan_in_fan_out, adapter=index)
             terms.setdefault(target.name, []).append(term)
-    return {name: tuple(ts) for name, ts in terms.items()}
+            saved = adapter.base_copies.get(pair.module)
+            if saved is not None:
+                sources[target.name] = _check_base_copy(adapter, saved, target)
+    return {name: BaseUpdate(tuple(ts), sources.get(name)) for name, ts in terms.items()}
+
+
+def _check_base_copy(adapter: Adapter, saved: TensorInfo, target: TensorInfo) -> TensorInfo:
+    if saved.shape != target.shape:
+        raise AdapterMismatch(
+            f"{adapter.weights_path}: tensor {saved.name!r} has shape {list(saved.shape)} but base tensor {target.name!r} is "
+            f"{list(target.shape)} (vocabulary resized?); resized layers are not supported yet"
+        )
+    # PEFT loads the saved copy into the base model (rounding it to the base's dtype), then merges.
+    return saved
 
 
 def _no_target_message(ckpt: Checkpoint, adapter: Adapter, pair: LoraPair) -> str:
@@ -362,6 +387,7 @@ class _UnitSpec:
     source: Source
     lora: tuple[LoraTerm, ...]
     out_dtype: str
+    base_dtype: str
     rows: int
     row_elems: int
     tile_rows: int
@@ -372,13 +398,21 @@ ACC_SIZE = 8
 """Bytes per element of the float64 accumulator (see streammerge.kernels.ACCUMULATE)."""
 
 
-def _unit_spec(t: TensorInfo, lora: tuple[LoraTerm, ...], out_dtype: str, tile_bytes: int) -> _UnitSpec:
+def _unit_spec(t: TensorInfo, update: BaseUpdate, out_dtype: str, tile_bytes: int) -> _UnitSpec:
+    """One output tensor: keep the base's dtype unless another was asked for; read from the
+    adapter's saved copy of the base weight when there is one."""
+    lora = update.terms
     dtype = t.dtype if out_dtype == "auto" or t.dtype not in FLOAT_DTYPES else out_dtype
+    base_dtype = t.dtype
+    if update.source is not None:
+        t = dataclasses.replace(update.source, name=t.name)
     op: Op = "merge" if lora else ("copy" if dtype == t.dtype else "cast")
     s_in, s_out = DTYPE_SIZES[t.dtype], DTYPE_SIZES[dtype]
     if op == "merge":
         rows, row_elems = t.shape[0], t.shape[1]
         row_cost = row_elems * (s_in + ACC_SIZE + s_out)  # mapped source row, accumulator row, output row
+        if t.dtype != base_dtype:
+            row_cost += row_elems * DTYPE_SIZES[base_dtype]  # the source rounded to the base's dtype
         factors = sum(_factor_bytes(term) for term in lora)
     else:
         # copy/cast do not care about the shape: stream the flat elements
@@ -387,7 +421,7 @@ def _unit_spec(t: TensorInfo, lora: tuple[LoraTerm, ...], out_dtype: str, tile_b
         factors = 0
     tile_rows = max(1, min(rows, tile_bytes // max(1, row_cost)))
     work = tile_rows * row_cost + factors
-    return _UnitSpec(t.name, op, Source.of(t), lora, dtype, rows, row_elems, tile_rows, work)
+    return _UnitSpec(t.name, op, Source.of(t), lora, dtype, base_dtype, rows, row_elems, tile_rows, work)
 
 
 def _factor_bytes(term: LoraTerm) -> int:
@@ -426,7 +460,7 @@ def layout_shards(specs: list[_UnitSpec], max_shard_bytes: int) -> tuple[list[Wo
             nbytes = DTYPE_SIZES[s.out_dtype] * math.prod(s.source.shape)
             units.append(
                 WorkUnit(
-                    name=s.name, op=s.op, source=s.source, lora=s.lora, out_dtype=s.out_dtype, shape=s.source.shape,
+                    name=s.name, op=s.op, source=s.source, lora=s.lora, out_dtype=s.out_dtype, base_dtype=s.base_dtype, shape=s.source.shape,
                     shard=index, offset=offset, nbytes=nbytes, rows=s.rows, row_elems=s.row_elems,
                     tile_rows=s.tile_rows, work_bytes=s.work_bytes,
                 )
@@ -528,7 +562,8 @@ def estimate_run(
 
     def transient(u: WorkUnit) -> int:
         mapped = u.tile_rows * u.row_elems * DTYPE_SIZES[u.source.dtype]
-        return mapped + sum(_factor_bytes(t) for t in u.lora)
+        rounded = u.tile_rows * u.row_elems * DTYPE_SIZES[u.base_dtype] if u.base_dtype != u.source.dtype else 0
+        return mapped + rounded + sum(_factor_bytes(t) for t in u.lora)
 
     buffers = buffer_bytes(units)
     host = RUNTIME_BASE_BYTES + PER_UNIT_BOOKKEEPING_BYTES * len(units) + buffers + max(transient(u) for u in units)

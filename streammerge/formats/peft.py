@@ -23,6 +23,9 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+_BASE_COPY_KEY = re.compile(r"^(?P<module>.+)\.base_layer\.weight$")
+"""PEFT saves the targeted layer's own weight as ``<module>.base_layer.weight`` when the layer is an
+input/output embedding (``save_embedding_layers``); loading the adapter puts it back into the base."""
 _UNSUPPORTED_KEYS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$"), "a DoRA magnitude vector (use_dora)"),
     (re.compile(r"\.lora_embedding_[AB](\.[^.]+)?$"), "an embedding LoRA factor (lora_embedding_A/B)"),
@@ -61,6 +64,8 @@ class Adapter:
     weights_path: str
     config: dict[str, Any]
     pairs: tuple[LoraPair, ...]
+    base_copies: dict[str, TensorInfo]
+    """module -> the base weight PEFT saved with the adapter; it replaces the base's tensor."""
     fan_in_fan_out: bool
     flavours: tuple[str, ...]
     """What kind of LoRA this is, for humans: e.g. ("lora", "rslora", "rank_pattern")."""
@@ -144,7 +149,12 @@ def open_adapter(root: str | os.PathLike[str]) -> Adapter:
         raise BadAdapter(str(e)) from e
 
     factors: dict[str, dict[str, TensorInfo]] = {}
+    base_copies: dict[str, TensorInfo] = {}
     for t in header.tensors:
+        copy = _BASE_COPY_KEY.match(t.name)
+        if copy:
+            base_copies[_strip_prefix(copy["module"])] = t
+            continue
         module, ab = _classify_key(weights_path, t.name)
         if ab in factors.setdefault(module, {}):
             raise BadAdapter(
@@ -155,16 +165,36 @@ def open_adapter(root: str | os.PathLike[str]) -> Adapter:
         raise BadAdapter(f"{weights_path}: holds no LoRA tensors (lora_A/lora_B)")
 
     pairs = [_make_pair(weights_path, module, ab, r, alpha, rslora, ranks, alphas) for module, ab in factors.items()]
+    for module, t in base_copies.items():
+        if module not in factors:
+            raise UnsupportedAdapter(
+                f"{weights_path}: tensor {t.name!r} replaces a base weight that no LoRA adapts; refusing rather than guessing"
+            )
+        if t.dtype not in FLOAT_DTYPES:
+            raise BadAdapter(f"{weights_path}: tensor {t.name!r} has dtype {t.dtype}; expected a float weight")
     flavours = ["rslora" if rslora else "lora"]
     flavours += [name for name, used in (("rank_pattern", ranks), ("alpha_pattern", alphas), ("fan_in_fan_out", fifo)) if used]
-    return Adapter(root=root, weights_path=weights_path, config=config, pairs=tuple(pairs), fan_in_fan_out=fifo, flavours=tuple(flavours))
+    if base_copies:
+        flavours.append("saved base layers")
+    return Adapter(
+        root=root,
+        weights_path=weights_path,
+        config=config,
+        pairs=tuple(pairs),
+        base_copies=base_copies,
+        fan_in_fan_out=fifo,
+        flavours=tuple(flavours),
+    )
+
+
+def _strip_prefix(module: str) -> str:
+    return module[len(PEFT_PREFIX) :] if module.startswith(PEFT_PREFIX) else module
 
 
 def _classify_key(path: str, key: str) -> tuple[str, str]:
     m = _LORA_KEY.match(key)
     if m:
-        module = m["module"]
-        return (module[len(PEFT_PREFIX) :] if module.startswith(PEFT_PREFIX) else module), m["ab"]
+        return _strip_prefix(m["module"]), m["ab"]
     for pattern, what in _UNSUPPORTED_KEYS:
         if pattern.search(key):
             raise UnsupportedAdapter(
