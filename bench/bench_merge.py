@@ -249,9 +249,7 @@ def measure(cmd: list[str], log_path: Path) -> Measurement:
     """Run ``cmd`` once; wall time, then the flush time, and the child's own ru_maxrss."""
     with log_path.open("w") as log:
         start = time.perf_counter()
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=REPO_ROOT
-        )
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=REPO_ROOT)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -294,10 +292,7 @@ def ensure_model(size: str, model_dir: Path, python: str) -> tuple[Path, Path]:
         cwd=REPO_ROOT,
     )
     stamp.write_text(json.dumps(spec))
-    print(
-        f"built in {time.perf_counter() - start:.1f} s "
-        f"(base {dir_size_mb(base):.0f} MB, adapter {dir_size_mb(adapter):.1f} MB)"
-    )
+    print(f"built in {time.perf_counter() - start:.1f} s (base {dir_size_mb(base):.0f} MB, adapter {dir_size_mb(adapter):.1f} MB)")
     return base, adapter
 
 
@@ -367,6 +362,8 @@ def verify(base: Path, sm_out: Path, peft_out: Path) -> dict[str, Any]:
                 "tensor": name,
                 "max_abs_diff": (a.float() - b.float()).abs().max().item() if same else None,
                 "frac_identical": (a.float() == b.float()).float().mean().item() if same else None,
+                "n_differ": int((a.float() != b.float()).sum().item()) if same else None,
+                "numel": a.numel(),
                 "frac_changed_vs_base": (b != orig).float().mean().item(),
                 "dtypes": f"{a.dtype} / {b.dtype}".replace("torch.", ""),
                 "shape": list(a.shape),
@@ -384,11 +381,7 @@ def machine_info() -> dict[str, Any]:
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
             break
-    mem_kb = next(
-        int(line.split()[1])
-        for line in Path("/proc/meminfo").read_text().splitlines()
-        if line.startswith("MemTotal:")
-    )
+    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal:"))
     versions = {}
     for pkg in ("torch", "transformers", "peft", "safetensors"):
         try:
@@ -474,18 +467,19 @@ def render_verify(check: dict[str, Any]) -> str:
         "",
         f"Same tensor names: {check['names_equal']}",
         "",
-        "| tensor | dtype (sm / peft) | max abs diff | identical | PEFT changed vs base |",
-        "|---|---|---:|---:|---:|",
+        "| tensor | dtype (sm / peft) | max abs diff | identical | differing | changed vs base |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for row in check["tensors"]:
         if "error" in row:
-            lines.append(f"| {row['tensor']} | {row['error']} | | | |")
+            lines.append(f"| {row['tensor']} | {row['error']} | | | | |")
         elif row["max_abs_diff"] is None:
-            lines.append(f"| {row['tensor']} | {row['dtypes']} | shape mismatch | | |")
+            lines.append(f"| {row['tensor']} | {row['dtypes']} | shape mismatch | | | |")
         else:
             lines.append(
                 f"| {row['tensor']} | {row['dtypes']} | {row['max_abs_diff']:.3g} | "
-                f"{row['frac_identical']:.2%} | {row['frac_changed_vs_base']:.2%} |"
+                f"{row['frac_identical']:.4%} | {row['n_differ']} of {row['numel']} | "
+                f"{row['frac_changed_vs_base']:.2%} |"
             )
     return "\n".join(lines)
 
@@ -557,9 +551,7 @@ def main(argv: list[str]) -> int:
         print()
         print(render(results, info, cold, command, args.size, base_mb, args.repeat))
         check = None
-        if not args.no_verify and all(
-            results.get(m) and results[m].ok for m in ("streammerge", "peft")
-        ):
+        if not args.no_verify and all(results.get(m) and results[m].ok for m in ("streammerge", "peft")):
             check = verify(base, workdir / "out-streammerge", workdir / "out-peft")
             print(render_verify(check))
         if args.json:

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import torch
 
 from streammerge.errors import BadCheckpoint, StreamMergeError
-from streammerge.kernels import ACCUMULATE, TORCH_DTYPES, Factors, Workspace, as_bytes, merge_rows
-from streammerge.plan import LoraTerm, Plan, Source, WorkUnit, check_inputs_unchanged, check_output
-from streammerge.write import Writer
+from streammerge.kernels import ACCUMULATE, TORCH_DTYPES, Factors, Workspace, merge_rows
+from streammerge.plan import LoraTerm, Plan, Source, WorkUnit, check_inputs_unchanged, check_output, out_tile_bytes
+from streammerge.write import WriteQueue, Writer
 
 Progress = Callable[[int, int, str], None]
 """progress(bytes_done, bytes_total, tensor_name), called after every tile."""
@@ -84,6 +84,14 @@ class SourceFiles:
         if end > start and hasattr(mm, "madvise"):
             mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
+    def prefetch(self, path: str, offset: int, nbytes: int) -> None:
+        """Start reading a byte range into the page cache in the background (MADV_WILLNEED)."""
+        _, mm = self.get(path)
+        start = offset - offset % mmap.PAGESIZE
+        end = min(len(mm), offset + nbytes)
+        if end > start and hasattr(mmap, "MADV_WILLNEED"):
+            mm.madvise(mmap.MADV_WILLNEED, start, end - start)
+
     def close(self) -> None:
         for fd, mm in self._open.values():
             with contextlib.suppress(BufferError):  # a tensor still views it; the mapping goes with it
@@ -103,51 +111,43 @@ def _load_factors(files: SourceFiles, term: LoraTerm, device: torch.device) -> F
     return Factors(a=load(term.a), b=load(term.b), scale=term.scale, transpose=term.transpose)
 
 
-def _run_unit(unit: WorkUnit, files: SourceFiles, writer: Writer, work: Workspace, advance: Callable[[int], None]) -> None:
+def _run_unit(unit: WorkUnit, files: SourceFiles, out: WriteQueue, work: Workspace, advance: Callable[[int], None]) -> None:
     src = unit.source
     if unit.op == "copy":
-        _copy_unit(unit, files, writer, advance)
+        fd, _ = files.get(src.file)
+        out.copy(unit.shard, unit.offset, fd, src.offset, src.nbytes)
+        advance(src.nbytes)
         return
     out_dtype = TORCH_DTYPES[unit.out_dtype]
-    out_size = out_dtype.itemsize
-    in_size = TORCH_DTYPES[src.dtype].itemsize
+    in_size, out_size = TORCH_DTYPES[src.dtype].itemsize, out_dtype.itemsize
     factors = [_load_factors(files, term, work.device) for term in unit.lora]
+    acc = work.get("acc", ACCUMULATE, (unit.chunk_rows, unit.row_elems)) if factors else None
     on_cpu = work.device.type == "cpu"
+    tile_bytes_in = unit.tile_rows * unit.row_elems * in_size
     for row0 in range(0, unit.rows, unit.tile_rows):
         n = min(unit.tile_rows, unit.rows - row0)
         first, count = row0 * unit.row_elems, n * unit.row_elems
         shape = (n, unit.row_elems)
+        if row0 + n < unit.rows:  # ask the kernel to read the next tile while this one is merged
+            files.prefetch(src.file, src.offset + (first + count) * in_size, tile_bytes_in)
         tile = files.tensor(src, first, count).view(shape)
         if unit.base_dtype != src.dtype:  # a base weight saved with the adapter: as loaded into the base
             tile = tile.to(TORCH_DTYPES[unit.base_dtype])
         if not on_cpu:
             tile = work.get("in", tile.dtype, shape).copy_(tile)
-        out = work.get("out", out_dtype, shape)
-        if factors:
-            merge_rows(tile, factors, row0, work.get("acc", ACCUMULATE, shape), out)
+        buffer = out.acquire()
+        host = torch.frombuffer(buffer, dtype=out_dtype, count=count).view(shape)
+        result = host if on_cpu else work.get("out", out_dtype, shape)
+        if acc is not None:
+            merge_rows(tile, factors, row0, acc, result)
         else:
-            out.copy_(tile)
-        host = out if on_cpu else work.host("out", out_dtype, shape).copy_(out)
-        writer.write(unit.shard, unit.offset + first * out_size, as_bytes(host))
-        del tile, out, host
+            result.copy_(tile)
+        if not on_cpu:
+            host.copy_(result)
+        del tile, host, result
         files.release(src.file, src.offset + first * in_size, count * in_size)
+        out.write(unit.shard, unit.offset + first * out_size, buffer, count * out_size)
         advance(count * out_size)
-
-
-def _copy_unit(unit: WorkUnit, files: SourceFiles, writer: Writer, advance: Callable[[int], None]) -> None:
-    src = unit.source
-    fd, _ = files.get(src.file)
-    if writer.copy_range(unit.shard, unit.offset, fd, src.offset, src.nbytes):
-        advance(src.nbytes)
-        return
-    chunk = unit.tile_rows * TORCH_DTYPES[src.dtype].itemsize
-    _, mm = files.get(src.file)
-    for start in range(0, src.nbytes, chunk):
-        n = min(chunk, src.nbytes - start)
-        with memoryview(mm)[src.offset + start : src.offset + start + n] as view:
-            writer.write(unit.shard, unit.offset + start, view)
-        files.release(src.file, src.offset + start, n)
-        advance(n)
 
 
 def _peak_rss_bytes() -> int:
@@ -186,18 +186,29 @@ def run(plan: Plan, *, progress: Progress | None = None, device: str | None = No
     writer = Writer(plan)
     files = SourceFiles()
     work = Workspace(dev)
+    threads = torch.get_num_threads()
+    # One core merges (cache-sized chunks do not gain from more threads); the writer thread
+    # keeps the other core busy with the disk.
+    torch.set_num_threads(1)
+    queue: WriteQueue | None = None
     try:
         writer.open()
+        queue = WriteQueue(writer, plan.write_buffers, out_tile_bytes(plan.units))
         with torch.inference_mode():
             for unit in plan.units:
                 current = unit.name
-                _run_unit(unit, files, writer, work, advance)
+                _run_unit(unit, files, queue, work, advance)
+        queue.close()
         files.close()
         writer.finish()
     except BaseException:
+        if queue is not None:
+            queue.cancel()
         files.close()
         writer.abort()
         raise
+    finally:
+        torch.set_num_threads(threads)
     return Report(
         out=plan.out,
         device=str(dev),

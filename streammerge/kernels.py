@@ -49,55 +49,48 @@ class Factors:
 def merge_rows(w_rows: torch.Tensor, factors: list[Factors], row0: int, acc: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Rows ``row0 : row0 + len(w_rows)`` of ``W + sum(scale * B @ A)``, rounded once into ``out``.
 
-    ``w_rows`` is a (rows, cols) slice of the base weight in any float dtype; ``acc`` (float64) and
-    ``out`` are caller-owned buffers of the same shape, reused across tiles so no fresh memory is
-    faulted in per tile. With ``transpose`` (fan_in_fan_out bases store W as (in, out)) the delta
-    is ``(B @ A).T``, whose rows are the columns of A. Returns ``out``.
+    ``w_rows`` is a (rows, cols) slice of the base weight in any float dtype and ``out`` a
+    caller-owned buffer of that shape. ``acc`` is a float64 (chunk, cols) buffer: the tile is
+    merged ``chunk`` rows at a time so the accumulator stays in the CPU cache and only the
+    16-bit input and output travel through memory. With ``transpose`` (fan_in_fan_out bases
+    store W as (in, out)) the delta is ``(B @ A).T``, whose rows are the columns of A.
 
     >>> w = torch.zeros(2, 3, dtype=torch.bfloat16)
     >>> f = Factors(a=torch.ones(1, 3, dtype=ACCUMULATE), b=torch.tensor([[1.0], [2.0]], dtype=ACCUMULATE), scale=0.5, transpose=False)
-    >>> merge_rows(w, [f], 0, torch.empty(2, 3, dtype=ACCUMULATE), torch.empty(2, 3)).tolist()
+    >>> merge_rows(w, [f], 0, torch.empty(1, 3, dtype=ACCUMULATE), torch.empty(2, 3)).tolist()
     [[0.5, 0.5, 0.5], [1.0, 1.0, 1.0]]
     """
-    n = w_rows.shape[0]
-    acc.copy_(w_rows)
-    for f in factors:
-        if f.transpose:
-            acc.addmm_(f.a[:, row0 : row0 + n].T, f.b.T, alpha=f.scale)
-        else:
-            acc.addmm_(f.b[row0 : row0 + n], f.a, alpha=f.scale)
-    return out.copy_(acc)
+    n, chunk = w_rows.shape[0], acc.shape[0]
+    for c0 in range(0, n, chunk):
+        m = min(chunk, n - c0)
+        a = acc[:m]
+        a.copy_(w_rows[c0 : c0 + m])
+        r0 = row0 + c0
+        for f in factors:
+            if f.transpose:
+                a.addmm_(f.a[:, r0 : r0 + m].T, f.b.T, alpha=f.scale)
+            else:
+                a.addmm_(f.b[r0 : r0 + m], f.a, alpha=f.scale)
+        out[c0 : c0 + m].copy_(a)
+    return out
 
 
 class Workspace:
-    """Flat buffers reused from tile to tile (grown, never shrunk), keyed by role and dtype.
-
-    ``get`` gives buffers on the compute device; ``host`` gives CPU buffers (pinned when the
-    device is a GPU, so copies back are fast).
-    """
+    """Flat device buffers reused from tile to tile (grown, never shrunk), keyed by role and dtype."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._buffers: dict[tuple[str, torch.dtype, bool], torch.Tensor] = {}
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     def get(self, role: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        return self._buffer(role, dtype, shape, on_host=False)
-
-    def host(self, role: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        return self._buffer(role, dtype, shape, on_host=True)
-
-    def _buffer(self, role: str, dtype: torch.dtype, shape: tuple[int, ...], on_host: bool) -> torch.Tensor:
         numel = 1
         for d in shape:
             numel *= d
-        key = (role, dtype, on_host)
+        key = (role, dtype)
         buf = self._buffers.pop(key, None)
         if buf is None or buf.numel() < numel:
             del buf
-            if on_host:
-                buf = torch.empty(numel, dtype=dtype, pin_memory=self.device.type == "cuda")
-            else:
-                buf = torch.empty(numel, dtype=dtype, device=self.device)
+            buf = torch.empty(numel, dtype=dtype, device=self.device)
         self._buffers[key] = buf
         return buf[:numel].view(shape)
 

@@ -34,6 +34,12 @@ from streammerge.units import parse_dtype, parse_size
 PLAN_VERSION = 1
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 DEFAULT_TILE_BYTES = 64 * 2**20
+ACC_CHUNK_BYTES = 4 * 2**20
+"""float64 accumulator rows merged at once: small enough to stay in a CPU's L2/L3 cache."""
+WRITE_BUFFERS = 3
+"""Output tiles in flight: one being computed, the others queued for or being written."""
+COPY_FALLBACK_BYTES = 8 * 2**20
+"""Chunk for copying untouched tensors where the kernel cannot copy file to file."""
 RUNTIME_BASE_BYTES = 400 * 2**20
 """Resident memory of the interpreter with torch imported, before any tensor (measured ~230 MB, padded)."""
 PER_UNIT_BOOKKEEPING_BYTES = 4096
@@ -92,6 +98,8 @@ class WorkUnit:
     row_elems: int
     tile_rows: int
     """The unit is processed as a (rows, row_elems) matrix, ``tile_rows`` rows at a time."""
+    chunk_rows: int
+    """Rows of one float64 accumulator chunk within a tile (merges only)."""
     work_bytes: int
     """Bytes this unit's tile needs beyond the runtime (mapped source, accumulator, output, factors)."""
 
@@ -144,6 +152,8 @@ class Plan:
     device: str
     overwrite: bool
     max_shard_bytes: int
+    write_buffers: int
+    """How many output tiles may be in flight (see :func:`out_tile_bytes` for their size)."""
     units: tuple[WorkUnit, ...]
     shards: tuple[Shard, ...]
     copy_files: tuple[CopyFile, ...]
@@ -282,6 +292,7 @@ def plan(
         device=device,
         overwrite=overwrite,
         max_shard_bytes=max_shard_bytes,
+        write_buffers=WRITE_BUFFERS,
         units=tuple(units),
         shards=tuple(shards),
         copy_files=tuple(copy_files),
@@ -391,6 +402,7 @@ class _UnitSpec:
     rows: int
     row_elems: int
     tile_rows: int
+    chunk_rows: int
     work_bytes: int
 
 
@@ -410,18 +422,17 @@ def _unit_spec(t: TensorInfo, update: BaseUpdate, out_dtype: str, tile_bytes: in
     s_in, s_out = DTYPE_SIZES[t.dtype], DTYPE_SIZES[dtype]
     if op == "merge":
         rows, row_elems = t.shape[0], t.shape[1]
-        row_cost = row_elems * (s_in + ACC_SIZE + s_out)  # mapped source row, accumulator row, output row
-        if t.dtype != base_dtype:
-            row_cost += row_elems * DTYPE_SIZES[base_dtype]  # the source rounded to the base's dtype
-        factors = sum(_factor_bytes(term) for term in lora)
-    else:
-        # copy/cast do not care about the shape: stream the flat elements
+    else:  # copy/cast do not care about the shape: stream the flat elements
         rows, row_elems = math.prod(t.shape), 1
-        row_cost = s_in + s_out if op == "cast" else s_in
-        factors = 0
+    row_cost = row_elems * (s_in + s_out)  # mapped source row + output row
+    if t.dtype != base_dtype:
+        row_cost += row_elems * DTYPE_SIZES[base_dtype]  # the source rounded to the base's dtype
     tile_rows = max(1, min(rows, tile_bytes // max(1, row_cost)))
-    work = tile_rows * row_cost + factors
-    return _UnitSpec(t.name, op, Source.of(t), lora, dtype, base_dtype, rows, row_elems, tile_rows, work)
+    chunk_rows = max(1, min(tile_rows, ACC_CHUNK_BYTES // max(1, row_elems * ACC_SIZE))) if op == "merge" else tile_rows
+    work = 0 if op == "copy" else tile_rows * row_cost + sum(_factor_bytes(term) for term in lora)
+    if op == "merge":
+        work += chunk_rows * row_elems * ACC_SIZE
+    return _UnitSpec(t.name, op, Source.of(t), lora, dtype, base_dtype, rows, row_elems, tile_rows, chunk_rows, work)
 
 
 def _factor_bytes(term: LoraTerm) -> int:
@@ -462,7 +473,7 @@ def layout_shards(specs: list[_UnitSpec], max_shard_bytes: int) -> tuple[list[Wo
                 WorkUnit(
                     name=s.name, op=s.op, source=s.source, lora=s.lora, out_dtype=s.out_dtype, base_dtype=s.base_dtype, shape=s.source.shape,
                     shard=index, offset=offset, nbytes=nbytes, rows=s.rows, row_elems=s.row_elems,
-                    tile_rows=s.tile_rows, work_bytes=s.work_bytes,
+                    tile_rows=s.tile_rows, chunk_rows=s.chunk_rows, work_bytes=s.work_bytes,
                 )
             )  # fmt: skip
     return units, shards
@@ -534,19 +545,14 @@ def check_inputs_unchanged(p: Plan) -> None:
             raise PlanMismatch(f"{fp.path}: input changed since the plan was made (size or mtime); plan again")
 
 
-def buffer_bytes(units: list[WorkUnit]) -> int:
-    """Bytes of the executor's reusable buffers: for each (role, dtype), the largest tile needs."""
-    largest: Counter[tuple[str, str]] = Counter()
-    for u in units:
-        if u.op == "copy":
-            continue
-        elems = u.tile_rows * u.row_elems
-        needs = [("out", u.out_dtype, elems * DTYPE_SIZES[u.out_dtype])]
-        if u.op == "merge":
-            needs.append(("acc", "F64", elems * ACC_SIZE))
-        for role, dtype, nbytes in needs:
-            largest[role, dtype] = max(largest[role, dtype], nbytes)
-    return sum(largest.values())
+def out_tile_bytes(units: tuple[WorkUnit, ...] | list[WorkUnit]) -> int:
+    """Size of one output tile buffer: the largest output tile of any computed unit."""
+    return max((u.tile_rows * u.row_elems * DTYPE_SIZES[u.out_dtype] for u in units if u.op != "copy"), default=0)
+
+
+def acc_chunk_bytes(units: tuple[WorkUnit, ...] | list[WorkUnit]) -> int:
+    """Size of the float64 accumulator: the largest chunk of any merge."""
+    return max((u.chunk_rows * u.row_elems * ACC_SIZE for u in units if u.op == "merge"), default=0)
 
 
 def estimate_run(
@@ -554,22 +560,24 @@ def estimate_run(
 ) -> Estimate:
     """Upper bounds for the run.
 
-    Peak RSS = runtime (interpreter + torch) + per-unit bookkeeping + the reusable buffers (each
-    sized by the largest tile that needs it) + the largest transient: one tile of mapped source
-    pages plus one unit's LoRA factors.
+    Peak RSS = runtime (interpreter + torch) + per-unit bookkeeping + the reusable buffers (the
+    output tiles in flight, the accumulator, the copy chunk) + the largest transient: one tile of
+    mapped source pages plus one unit's LoRA factors.
     """
     largest = max(units, key=lambda u: u.work_bytes)
 
     def transient(u: WorkUnit) -> int:
-        mapped = u.tile_rows * u.row_elems * DTYPE_SIZES[u.source.dtype]
-        rounded = u.tile_rows * u.row_elems * DTYPE_SIZES[u.base_dtype] if u.base_dtype != u.source.dtype else 0
-        return mapped + rounded + sum(_factor_bytes(t) for t in u.lora)
+        """Per-unit memory: one tile of mapped source pages (of the rounded copy too) and the factors."""
+        elems = u.tile_rows * u.row_elems
+        rounded = elems * DTYPE_SIZES[u.base_dtype] if u.base_dtype != u.source.dtype else 0
+        return elems * DTYPE_SIZES[u.source.dtype] + rounded + sum(_factor_bytes(t) for t in u.lora)
 
-    buffers = buffer_bytes(units)
-    host = RUNTIME_BASE_BYTES + PER_UNIT_BOOKKEEPING_BYTES * len(units) + buffers + max(transient(u) for u in units)
     computed = [u for u in units if u.op != "copy"]
-    # On a GPU the same buffers live on the device, plus the staged input tile and the factors.
-    device_bytes = 0 if device == "cpu" or not computed else buffers + max(transient(u) for u in computed)
+    peak_transient = max((transient(u) for u in computed), default=0)
+    buffers = WRITE_BUFFERS * out_tile_bytes(units) + acc_chunk_bytes(units) + COPY_FALLBACK_BYTES
+    host = RUNTIME_BASE_BYTES + PER_UNIT_BOOKKEEPING_BYTES * len(units) + buffers + peak_transient
+    # On a GPU: the staged input tile, the output tile, the accumulator and the factors.
+    device_bytes = 0 if device == "cpu" or not computed else out_tile_bytes(units) + acc_chunk_bytes(units) + peak_transient
     meta = len(json.dumps(config or {}, indent=2)) + 64 * len(units) + 4096
     output = sum(s.size for s in shards) + sum(os.path.getsize(c.src) for c in copy_files) + meta
     read = sum(u.source.nbytes + sum(t.a.nbytes + t.b.nbytes for t in u.lora) for u in units)

@@ -12,12 +12,15 @@ import enum
 import errno
 import json
 import os
+import queue
 import shutil
+import threading
+from dataclasses import dataclass
 from typing import Any
 
 from streammerge.errors import OutputError
 from streammerge.formats.checkpoint import CONFIG_NAME, INDEX_NAME
-from streammerge.plan import Plan, shard_header_bytes
+from streammerge.plan import COPY_FALLBACK_BYTES, Plan, shard_header_bytes
 
 _NO_COPY_FILE_RANGE = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM, errno.EBADF})
 
@@ -91,7 +94,11 @@ class Writer:
         """Write ``data`` at absolute ``offset`` of shard number ``shard``."""
         self._expect(WriterState.OPEN)
         try:
-            self._pwrite_all(self._fds[shard], data, offset)
+            fd = self._fds[shard]
+            self._pwrite_all(fd, data, offset)
+            # Start writing these pages to disk now rather than all at the final fsync, and keep
+            # the output from crowding the page cache (Linux: DONTNEED starts async writeback).
+            os.posix_fadvise(fd, offset, len(memoryview(data)), os.POSIX_FADV_DONTNEED)
         except OSError as e:
             raise self._error(os.path.join(self.partial, self.plan.shards[shard].file), e) from e
 
@@ -197,3 +204,106 @@ def _remove(path: str) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
+
+
+@dataclass(frozen=True)
+class _Write:
+    shard: int
+    offset: int
+    buffer: bytearray
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class _Copy:
+    shard: int
+    offset: int
+    src_fd: int
+    src_offset: int
+    nbytes: int
+
+
+class WriteQueue:
+    """Writes in a background thread, so disk writes overlap the merge of the next tile.
+
+    Output tiles live in a fixed pool of ``buffers`` bytearrays of ``buffer_bytes`` each: the
+    executor takes a free one with :meth:`acquire`, fills it and hands it to :meth:`write`; the
+    thread writes it and puts it back. At most ``buffers`` tiles exist at once, so memory stays
+    bounded however fast the merge runs. An error in the thread is raised in the caller at the
+    next call.
+    """
+
+    def __init__(self, writer: Writer, buffers: int, buffer_bytes: int) -> None:
+        self.writer = writer
+        self.buffer_bytes = buffer_bytes
+        self._free: queue.Queue[bytearray] = queue.Queue()
+        self._unmade = buffers if buffer_bytes else 0
+        self._jobs: queue.Queue[_Write | _Copy | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._stop = False
+        self._thread = threading.Thread(target=self._work, name="streammerge-writer", daemon=True)
+        self._thread.start()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def acquire(self) -> bytearray:
+        """A free output buffer; blocks while every buffer is queued or being written."""
+        self._check()
+        if self._free.empty() and self._unmade:
+            self._unmade -= 1
+            return bytearray(self.buffer_bytes)
+        while True:
+            try:
+                return self._free.get(timeout=0.1)
+            except queue.Empty:
+                self._check()
+
+    def write(self, shard: int, offset: int, buffer: bytearray, nbytes: int) -> None:
+        """Queue the first ``nbytes`` of ``buffer`` for writing at ``offset`` of ``shard``."""
+        self._check()
+        self._jobs.put(_Write(shard, offset, buffer, nbytes))
+
+    def copy(self, shard: int, offset: int, src_fd: int, src_offset: int, nbytes: int) -> None:
+        """Queue a file-to-file copy of an untouched tensor."""
+        self._check()
+        self._jobs.put(_Copy(shard, offset, src_fd, src_offset, nbytes))
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            if self._error is None and not self._stop:
+                try:
+                    self._do(job)
+                except BaseException as e:
+                    self._error = e
+            if isinstance(job, _Write):
+                self._free.put(job.buffer)
+
+    def _do(self, job: _Write | _Copy) -> None:
+        if isinstance(job, _Write):
+            with memoryview(job.buffer)[: job.nbytes] as view:
+                self.writer.write(job.shard, job.offset, view)
+            return
+        if self.writer.copy_range(job.shard, job.offset, job.src_fd, job.src_offset, job.nbytes):
+            return
+        for start in range(0, job.nbytes, COPY_FALLBACK_BYTES):
+            data = os.pread(job.src_fd, min(COPY_FALLBACK_BYTES, job.nbytes - start), job.src_offset + start)
+            if not data:
+                raise OutputError(f"{self.writer.plan.shards[job.shard].file}: source ended early while copying")
+            self.writer.write(job.shard, job.offset + start, data)
+
+    def close(self) -> None:
+        """Wait for every queued job; raise the first error any of them hit."""
+        self._jobs.put(None)
+        self._thread.join()
+        self._check()
+
+    def cancel(self) -> None:
+        """Drop queued jobs and stop the thread (after the job it is doing); never raises."""
+        self._stop = True
+        self._jobs.put(None)
+        self._thread.join()

@@ -23,7 +23,17 @@ def spec(name: str, dtype: str, shape: tuple[int, ...]) -> _UnitSpec:
         n *= d
     src = Source(file="/in/model.safetensors", offset=0, nbytes=n * DTYPE_SIZES[dtype], dtype=dtype, shape=shape)
     return _UnitSpec(
-        name=name, op="copy", source=src, lora=(), out_dtype=dtype, base_dtype=dtype, rows=n, row_elems=1, tile_rows=n, work_bytes=0
+        name=name,
+        op="copy",
+        source=src,
+        lora=(),
+        out_dtype=dtype,
+        base_dtype=dtype,
+        rows=n,
+        row_elems=1,
+        tile_rows=n,
+        chunk_rows=n,
+        work_bytes=0,
     )
 
 

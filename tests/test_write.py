@@ -1,0 +1,112 @@
+"""The writer on its own: state machine, offsets, atomic finish, abort, full disk."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import streammerge
+from streammerge.errors import OutputError
+from streammerge.write import Writer, WriterState, partial_path
+from tests.conftest import load_folder
+
+
+def test_writer_puts_bytes_at_planned_offsets_and_finishes_atomically(llama_base: Path, llama_lora: Path, tmp_path: Path) -> None:
+    p = streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "out", max_shard_size="30KB")
+    w = Writer(p)
+    with pytest.raises(RuntimeError, match="expected open"):
+        w.write(0, 0, b"x")
+    w.open()
+    assert os.path.isdir(partial_path(p.out)) and not os.path.exists(p.out)
+    for u in p.units:  # a recognisable pattern per tensor instead of merged values
+        w.write(u.shard, u.offset, bytes([len(u.name) % 251]) * u.nbytes)
+    w.finish()
+    assert w.state is WriterState.FINISHED and not os.path.exists(partial_path(p.out))
+    tensors = load_folder(Path(p.out))  # the safetensors library accepts every shard
+    for u in p.units:
+        assert tensors[u.name].reshape(-1).view(torch.uint8).unique().tolist() in ([len(u.name) % 251], [])
+    assert sorted(os.listdir(p.out)) == sorted(
+        [s.file for s in p.shards] + ["config.json", "generation_config.json", "model.safetensors.index.json"]
+    )
+
+
+def test_abort_removes_partial_output(llama_base: Path, llama_lora: Path, tmp_path: Path) -> None:
+    p = streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "out")
+    w = Writer(p)
+    w.open()
+    w.abort()
+    assert not os.path.exists(partial_path(p.out)) and not os.path.exists(p.out)
+    w.abort()  # idempotent
+
+
+def test_failed_run_leaves_nothing_that_looks_complete(
+    llama_base: Path, llama_lora: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from streammerge import execute
+
+    p = streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "out")
+    calls = {"n": 0}
+    real = execute.merge_rows
+
+    def failing(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(execute, "merge_rows", failing)
+    with pytest.raises(OSError):
+        streammerge.run(p)
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_disk_full_while_writing_is_a_clear_error(
+    llama_base: Path, llama_lora: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p = streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "out")
+    real = os.pwrite
+    state = {"n": 0}
+
+    def pwrite(fd: int, data: object, offset: int) -> int:
+        state["n"] += 1
+        if state["n"] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    with pytest.raises(OutputError, match=r"model.safetensors: cannot write \(disk full\)"):
+        streammerge.run(p)
+    assert not os.path.exists(p.out) and not os.path.exists(partial_path(p.out))
+
+
+def test_copy_fallback_without_copy_file_range(llama_base: Path, llama_lora: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def unsupported(*args: object) -> int:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", unsupported)
+    a = streammerge.run(streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "a", tile_size=1000))
+    monkeypatch.undo()
+    b = streammerge.run(streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "b"))
+    assert (Path(a.out) / "model.safetensors").read_bytes() == (Path(b.out) / "model.safetensors").read_bytes()
+
+
+def test_overwrite_replaces_existing_output(llama_base: Path, llama_lora: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    streammerge.run(streammerge.plan(llama_base, [str(llama_lora)], out=out, overwrite=True))
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_inputs_are_never_modified(llama_base: Path, llama_lora: Path, tmp_path: Path) -> None:
+    def snapshot() -> dict[str, tuple[bytes, int]]:
+        return {str(f): (f.read_bytes(), f.stat().st_mtime_ns) for root in (llama_base, llama_lora) for f in root.iterdir()}
+
+    before = snapshot()
+    streammerge.run(streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "out", dtype="fp32"))
+    assert snapshot() == before
