@@ -31,15 +31,29 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 
-def run(plan: Plan, *, progress: Progress | None = None, device: str | None = None) -> Report:
-    """Execute a plan and return its :class:`~streammerge.execute.Report`.
+def run(plan: Plan, *, progress: Progress | bool | None = None, device: str | None = None) -> Report:
+    """Execute a plan and return its :class:`~streammerge.execute.Report` (timings, bytes, peak RSS).
 
-    See :func:`streammerge.execute.run`. torch is imported here, not at ``import streammerge``,
-    so planning stays fast and light.
+    ``progress=True`` draws the CLI's progress bar on stderr; a callable gets
+    ``(bytes_done, bytes_total, tensor_name)`` after every tile. See
+    :func:`streammerge.execute.run`. torch is imported here, not at ``import streammerge``, so
+    planning stays fast and light.
     """
+    from streammerge.readahead import Readahead
+
+    readahead = Readahead(plan)
+    readahead.advance(0)  # the first reads overlap the torch import below
     from streammerge.execute import run as _run
 
-    return _run(plan, progress=progress, device=device)
+    if progress is True:
+        from streammerge.progress import ProgressBar
+
+        bar = ProgressBar()
+        try:
+            return _run(plan, progress=bar, device=device, readahead=readahead)
+        finally:
+            bar.close()
+    return _run(plan, progress=progress or None, device=device, readahead=readahead)
 
 
 __all__ = [

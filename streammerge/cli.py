@@ -120,15 +120,10 @@ def _echo_table(rows: list[tuple[str, str]]) -> None:
 
 
 def _execute(p: Plan, quiet: bool, device: str | None) -> None:
-    from streammerge.execute import run
-    from streammerge.progress import ProgressBar
+    from streammerge import run
+    from streammerge.execute import Report
 
-    bar = None if quiet else ProgressBar()
-    try:
-        report = run(p, progress=bar, device=device)
-    finally:
-        if bar is not None:
-            bar.close()
+    report: Report = run(p, progress=not quiet, device=device)
     if not quiet:
         rate = report.bytes_written / max(report.seconds, 1e-9)
         units = ", ".join(f"{n} {op}" for op, n in sorted(report.units.items()))

@@ -24,6 +24,7 @@ import torch
 from streammerge.errors import BadCheckpoint, StreamMergeError
 from streammerge.kernels import ACCUMULATE, TORCH_DTYPES, Factors, Workspace, merge_rows
 from streammerge.plan import LoraTerm, Plan, Source, WorkUnit, check_inputs_unchanged, check_output, out_tile_bytes
+from streammerge.readahead import Readahead
 from streammerge.write import WriteQueue, Writer
 
 Progress = Callable[[int, int, str], None]
@@ -84,14 +85,6 @@ class SourceFiles:
         if end > start and hasattr(mm, "madvise"):
             mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
-    def prefetch(self, path: str, offset: int, nbytes: int) -> None:
-        """Start reading a byte range into the page cache in the background (MADV_WILLNEED)."""
-        _, mm = self.get(path)
-        start = offset - offset % mmap.PAGESIZE
-        end = min(len(mm), offset + nbytes)
-        if end > start and hasattr(mmap, "MADV_WILLNEED"):
-            mm.madvise(mmap.MADV_WILLNEED, start, end - start)
-
     def close(self) -> None:
         for fd, mm in self._open.values():
             with contextlib.suppress(BufferError):  # a tensor still views it; the mapping goes with it
@@ -123,13 +116,10 @@ def _run_unit(unit: WorkUnit, files: SourceFiles, out: WriteQueue, work: Workspa
     factors = [_load_factors(files, term, work.device) for term in unit.lora]
     acc = work.get("acc", ACCUMULATE, (unit.chunk_rows, unit.row_elems)) if factors else None
     on_cpu = work.device.type == "cpu"
-    tile_bytes_in = unit.tile_rows * unit.row_elems * in_size
     for row0 in range(0, unit.rows, unit.tile_rows):
         n = min(unit.tile_rows, unit.rows - row0)
         first, count = row0 * unit.row_elems, n * unit.row_elems
         shape = (n, unit.row_elems)
-        if row0 + n < unit.rows:  # ask the kernel to read the next tile while this one is merged
-            files.prefetch(src.file, src.offset + (first + count) * in_size, tile_bytes_in)
         tile = files.tensor(src, first, count).view(shape)
         if unit.base_dtype != src.dtype:  # a base weight saved with the adapter: as loaded into the base
             tile = tile.to(TORCH_DTYPES[unit.base_dtype])
@@ -155,11 +145,12 @@ def _peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def run(plan: Plan, *, progress: Progress | None = None, device: str | None = None) -> Report:
+def run(plan: Plan, *, progress: Progress | None = None, device: str | None = None, readahead: Readahead | None = None) -> Report:
     """Execute ``plan``: write the merged model to ``plan.out``, atomically.
 
     The output appears only when complete; on any error (or Ctrl-C) the partial folder is removed
     and the error re-raised. ``device`` overrides the plan's device ("auto", "cpu", "cuda").
+    ``readahead`` is a started :class:`~streammerge.readahead.Readahead` (one is made if not).
 
     Example::
 
@@ -183,6 +174,9 @@ def run(plan: Plan, *, progress: Progress | None = None, device: str | None = No
             progress(done, total, current)
 
     current = ""
+    ahead = readahead or Readahead(plan)
+    ahead.advance(0)
+    consumed = 0
     writer = Writer(plan)
     files = SourceFiles()
     work = Workspace(dev)
@@ -198,6 +192,8 @@ def run(plan: Plan, *, progress: Progress | None = None, device: str | None = No
             for unit in plan.units:
                 current = unit.name
                 _run_unit(unit, files, queue, work, advance)
+                consumed += unit.source.nbytes + sum(t.a.nbytes + t.b.nbytes for t in unit.lora)
+                ahead.advance(consumed)
         queue.close()
         files.close()
         writer.finish()
@@ -209,6 +205,7 @@ def run(plan: Plan, *, progress: Progress | None = None, device: str | None = No
         raise
     finally:
         torch.set_num_threads(threads)
+        ahead.close()
     return Report(
         out=plan.out,
         device=str(dev),

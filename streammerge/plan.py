@@ -236,7 +236,7 @@ def plan_from_dict(obj: Any, where: str = "plan") -> Plan:
 
 def plan(
     base: str | os.PathLike[str],
-    adapters: list[str] | list[os.PathLike[str]] | tuple[str, ...],
+    adapters: str | os.PathLike[str] | list[str] | list[os.PathLike[str]] | tuple[str, ...],
     out: str | os.PathLike[str],
     *,
     dtype: str = "auto",
@@ -261,6 +261,8 @@ def plan(
     tile_bytes = parse_size(tile_size, "tile size")
     if device not in ("auto", "cpu", "cuda"):
         raise StreamMergeError(f"device must be auto, cpu or cuda, not {device!r}")
+    if isinstance(adapters, (str, os.PathLike)):
+        adapters = [os.fspath(adapters)]
     if not adapters:
         raise StreamMergeError("give at least one adapter folder")
     ckpt = open_checkpoint(base)
