@@ -28,7 +28,7 @@ from streammerge.formats.checkpoint import (
     open_checkpoint,
 )
 from streammerge.formats.peft import Adapter, LoraPair, open_adapter
-from streammerge.formats.safetensors import DTYPE_SIZES, FLOAT_DTYPES, OutputTensor, TensorInfo, build_header
+from streammerge.formats.safetensors import DTYPE_SIZES, FLOAT_DTYPES, OutputTensor, TensorInfo, build_header, tensor_nbytes
 from streammerge.units import parse_dtype, parse_size
 
 PLAN_VERSION = 1
@@ -421,7 +421,7 @@ def _unit_spec(t: TensorInfo, update: BaseUpdate, out_dtype: str, tile_bytes: in
     if update.source is not None:
         t = dataclasses.replace(update.source, name=t.name)
     op: Op = "merge" if lora else ("copy" if dtype == t.dtype else "cast")
-    s_in, s_out = DTYPE_SIZES[t.dtype], DTYPE_SIZES[dtype]
+    s_in, s_out = DTYPE_SIZES.get(t.dtype, 1), DTYPE_SIZES.get(dtype, 1)  # sub-byte dtypes are only copied
     if op == "merge":
         rows, row_elems = t.shape[0], t.shape[1]
     else:  # copy/cast do not care about the shape: stream the flat elements
@@ -453,7 +453,7 @@ def layout_shards(specs: list[_UnitSpec], max_shard_bytes: int) -> tuple[list[Wo
     groups: list[list[_UnitSpec]] = []
     current = 0
     for s in specs:
-        n = DTYPE_SIZES[s.out_dtype] * math.prod(s.source.shape)
+        n = tensor_nbytes(s.out_dtype, s.source.shape)
         if not groups or (groups[-1] and current + n > max_shard_bytes):
             groups.append([])
             current = 0
@@ -467,10 +467,10 @@ def layout_shards(specs: list[_UnitSpec], max_shard_bytes: int) -> tuple[list[Wo
     for index, (name, group) in enumerate(zip(names, groups, strict=True)):
         layout = [OutputTensor(s.name, s.out_dtype, s.source.shape) for s in group]
         head, offsets = build_header(layout, {"format": "pt"})
-        size = len(head) + sum(DTYPE_SIZES[t.dtype] * math.prod(t.shape) for t in layout)
+        size = len(head) + sum(tensor_nbytes(t.dtype, t.shape) for t in layout)
         shards.append(Shard(file=name, header=head[:8].hex() + head[8:].decode("ascii"), size=size, tensors=tuple(s.name for s in group)))
         for s, offset in zip(group, offsets, strict=True):
-            nbytes = DTYPE_SIZES[s.out_dtype] * math.prod(s.source.shape)
+            nbytes = tensor_nbytes(s.out_dtype, s.source.shape)
             units.append(
                 WorkUnit(
                     name=s.name, op=s.op, source=s.source, lora=s.lora, out_dtype=s.out_dtype, base_dtype=s.base_dtype, shape=s.source.shape,
