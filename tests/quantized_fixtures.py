@@ -421,10 +421,10 @@ def emulate_bnb_avx512_dequant(
     return (quant_map.float()[codes] * scales_f32.float()[idx]).reshape(tuple(shape)).to(dtype)
 
 
-def bnb_cpu_dequant_matches_reference(shape: Sequence[int] = (16, 48), blocksize: int = 32) -> bool:
+def bnb_cpu_dequant_matches_reference(shape: Sequence[int] = (64, 176), blocksize: int = 64) -> bool:
     """Whether this machine's bitsandbytes CPU 4-bit dequantization agrees with the flat-block formula for ``shape``.
 
-    False on AVX-512 CPUs for shapes like the default (16, 48) at blocksize 32. Tests that use transformers'
+    False on AVX-512 CPUs for shapes like the default (64, 176) at blocksize 64 (the fixture's ``down_proj``). Tests that use transformers'
     ``model.dequantize()`` as the oracle on such shapes can skip on False, or use ``peft_merge_4bit(dequantizer="reference")``.
     """
     import bitsandbytes.functional as bnbf
@@ -506,16 +506,20 @@ def peft_merge_4bit(
     *,
     dequantizer: Literal["transformers", "reference"] = "transformers",
     dtype: torch.dtype | None = None,
+    check: bool = True,
 ) -> Path:
-    """The oracle for a quantized base: dequantize, PEFT ``merge_and_unload``, ``save_pretrained`` in 16 bit.
+    """The oracle for a quantized base (4-bit or 8-bit): dequantize, PEFT ``merge_and_unload``, ``save_pretrained``.
 
-    ``dequantizer="transformers"``: ``AutoModelForCausalLM.from_pretrained(base4, device_map="cpu").dequantize(dtype)``
-    (works on CPU for 4-bit in transformers 5.24; the model comes back all bf16 = config dtype = the JSON dtype; it
-    crashes for 8-bit). It relies on bitsandbytes' CPU kernel: wrong on AVX-512 machines for shapes whose last dim
-    is a multiple of 16 but not of the blocksize (see ``bnb_cpu_dequant_matches_reference``).
-    ``dequantizer="reference"``: the base is dequantized with ``load_dequantized_reference`` (right for every shape,
-    4-bit and 8-bit), written as a plain checkpoint in a temp folder, then merged like ``tests.conftest.peft_merge``.
-    The saved config.json has no ``quantization_config``.
+    ``dequantizer="transformers"``: ``AutoModelForCausalLM.from_pretrained(base4, device_map="cpu").dequantize(dtype)``.
+    Works on CPU in transformers 5.24, 4-bit and 8-bit, as long as ``dtype`` is a ``torch.dtype`` or None (a string
+    such as "bfloat16" crashes: ``Invalid device string``). dtype None -> ``model.config.dtype`` (bf16 here, also the
+    quant-state JSON dtype): the whole dequantized model is bf16. It relies on bitsandbytes' CPU kernel, which is
+    wrong on AVX-512 machines for shapes whose last dim is a multiple of 16 but not of the blocksize -- the default
+    64x176 ``down_proj`` at blocksize 64 is one. With ``check`` the dequantized weights are compared with
+    ``load_dequantized_reference`` first and a RuntimeError says so instead of handing back a wrong oracle.
+    ``dequantizer="reference"``: the base is dequantized with ``load_dequantized_reference`` (right for every shape),
+    written as a plain checkpoint in a temp folder, then merged like ``tests.conftest.peft_merge``.
+    Either way the output is an ordinary 16-bit checkpoint whose config.json has no ``quantization_config``.
     """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -529,6 +533,16 @@ def peft_merge_4bit(
         return out
     model = AutoModelForCausalLM.from_pretrained(base4, device_map="cpu")
     model = model.dequantize(dtype=dtype)
+    if check:
+        kinds = quantized_weight_names(_read_folder(base4))
+        ref = load_dequantized_reference(base4, torch.float32 if "8bit" in kinds.values() else None)
+        state = model.state_dict()
+        wrong = [k for k in kinds if not torch.equal(state[k], ref[k].to(state[k].dtype))]
+        if wrong:
+            raise RuntimeError(
+                f"model.dequantize() disagrees with the reference dequantizer on {wrong} (bitsandbytes' AVX-512 CPU kernel "
+                "mis-indexes blocks when the last dim is not a multiple of the blocksize); use dequantizer='reference'"
+            )
     PeftModel.from_pretrained(model, adapter).merge_and_unload().save_pretrained(out)
     return out
 
@@ -699,11 +713,15 @@ def _selftest(root: Path) -> None:
         assert torch.equal(t8[module + ".SCB"], src8[name].float().abs().amax(dim=1))
     rel = max(((ref8[k] - src8[k].float()).norm() / src8[k].float().norm()).item() for k in quantized_weight_names(t8))
     say(f"   reference == int8_vectorwise_dequant bit for bit; SCB == row absmax of the source; worst relative error {rel:.4f}")
-    try:
-        AutoModelForCausalLM.from_pretrained(p8, device_map="cpu").dequantize()
-        say("   model.dequantize() on 8-bit: works")
-    except Exception as exc:
-        say(f"   model.dequantize() on 8-bit: {type(exc).__name__}: {exc}")
+    sd8 = AutoModelForCausalLM.from_pretrained(p8, device_map="cpu").dequantize().state_dict()
+    assert all(torch.equal(sd8[k], ref8[k].to(sd8[k].dtype)) for k in quantized_weight_names(t8))
+    say(f"   model.dequantize() on 8-bit works on CPU: dtypes {sorted({str(v.dtype) for v in sd8.values()})}, == reference rounded once")
+    for q, folder in (("8-bit", p8), ("4-bit", root / "hf-nf4-dq1-uint8")):
+        try:
+            AutoModelForCausalLM.from_pretrained(folder, device_map="cpu").dequantize("bfloat16")
+            say(f"   {q} model.dequantize('bfloat16'): works")
+        except RuntimeError as exc:
+            say(f"   {q} model.dequantize('bfloat16') (a string dtype): RuntimeError: {exc}")
 
     # 6. adapters and the oracle
     say("== 6. QLoRA adapter and peft_merge_4bit")
@@ -730,8 +748,11 @@ def _selftest(root: Path) -> None:
         f"config dtype {cfg.get('dtype')}; transformers == reference dequantizer bit for bit; "
         f"identical to float64 W+s*BA rounded once: min {min(identical):.5%}"
     )
-    m8 = peft_merge_4bit(p8, make_lora(unquantized_source(p8), root / "lora8"), root / "merged8", dequantizer="reference")
-    say(f"   8-bit merge through the reference dequantizer: {len(load_folder(m8))} tensors")
+    lora8 = make_lora(unquantized_source(p8), root / "lora8")
+    m8t = load_folder(peft_merge_4bit(p8, lora8, root / "merged8t"))
+    m8r = load_folder(peft_merge_4bit(p8, lora8, root / "merged8r", dequantizer="reference"))
+    assert m8t.keys() == m8r.keys() and all(bit_equal(m8t[k], m8r[k]) for k in m8t)
+    say(f"   8-bit: merge through model.dequantize() == through the reference dequantizer, bit for bit ({len(m8t)} tensors)")
 
     # 7. what a checkpoint looks like
     say("== 7. layout of model.layers.0.mlp.down_proj in a few checkpoints")
