@@ -27,6 +27,9 @@ from streammerge.plan import LoraTerm, Plan, Source, WorkUnit, check_inputs_unch
 from streammerge.readahead import Readahead
 from streammerge.write import WriteQueue, Writer
 
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+"""Linux 5.14+: fault a whole range in with one call."""
+
 Progress = Callable[[int, int, str], None]
 """progress(bytes_done, bytes_total, tensor_name), called after every tile."""
 
@@ -58,6 +61,7 @@ class SourceFiles:
 
     def __init__(self) -> None:
         self._open: dict[str, tuple[int, mmap.mmap]] = {}
+        self._populate_ok = True
 
     def get(self, path: str) -> tuple[int, mmap.mmap]:
         if path not in self._open:
@@ -76,6 +80,17 @@ class SourceFiles:
         dtype = TORCH_DTYPES[src.dtype]
         size = torch.empty((), dtype=dtype).element_size()
         return torch.frombuffer(mm, dtype=dtype, count=count, offset=src.offset + first_elem * size)
+
+    def populate(self, path: str, offset: int, nbytes: int) -> None:
+        """Map a byte range's pages in one call (MADV_POPULATE_READ) instead of one fault per page."""
+        _, mm = self.get(path)
+        start = offset - offset % mmap.PAGESIZE
+        end = min(len(mm), offset + nbytes)
+        if end > start and self._populate_ok:
+            try:
+                mm.madvise(MADV_POPULATE_READ, start, end - start)
+            except OSError:  # kernels before 5.14
+                self._populate_ok = False
 
     def release(self, path: str, offset: int, nbytes: int) -> None:
         """Drop the mapped pages of a byte range from this process (they stay in the page cache)."""
@@ -120,6 +135,7 @@ def _run_unit(unit: WorkUnit, files: SourceFiles, out: WriteQueue, work: Workspa
         n = min(unit.tile_rows, unit.rows - row0)
         first, count = row0 * unit.row_elems, n * unit.row_elems
         shape = (n, unit.row_elems)
+        files.populate(src.file, src.offset + first * in_size, count * in_size)
         tile = files.tensor(src, first, count).view(shape)
         if unit.base_dtype != src.dtype:  # a base weight saved with the adapter: as loaded into the base
             tile = tile.to(TORCH_DTYPES[unit.base_dtype])
