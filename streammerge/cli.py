@@ -104,7 +104,10 @@ def _describe_plan(p: Plan) -> list[tuple[str, str]]:
         ("base", f"{p.base}  ({tensors} tensors, {format_bytes(in_bytes)})"),
         *[("adapter", a) for a in p.adapters],
         ("output", f"{p.out}  ({len(p.shards)} shard{'s' if len(p.shards) != 1 else ''}, dtype {p.dtype})"),
-        ("work", "  ".join(f"{op} {e.units.get(op, 0)}" for op in ("merge", "cast", "copy"))),
+        (
+            "work",
+            "  ".join(f"{op} {e.units.get(op, 0)}" for op in ("merge", "dequant", "cast", "copy") if op in e.units or op != "dequant"),
+        ),
         ("peak RAM", f"{format_bytes(e.peak_host_bytes)}  (largest unit: {e.largest_unit})"),
         ("peak VRAM", format_bytes(e.peak_device_bytes) if e.peak_device_bytes else "none (CPU)"),
         ("disk", f"{format_bytes(e.output_bytes)} written, {format_bytes(e.read_bytes)} read"),
@@ -123,6 +126,8 @@ def _execute(p: Plan, quiet: bool, device: str | None) -> None:
     from streammerge import run
     from streammerge.execute import Report
 
+    for note in p.notes:  # said once, before the work, whatever --quiet says
+        click.echo(f"streammerge: note: {note}", err=True)
     report: Report = run(p, progress=not quiet, device=device)
     if not quiet:
         rate = report.bytes_written / max(report.seconds, 1e-9)

@@ -22,8 +22,18 @@ from dataclasses import dataclass, field
 import torch
 
 from streammerge.errors import BadCheckpoint, StreamMergeError
-from streammerge.kernels import ACCUMULATE, TORCH_DTYPES, Factors, Workspace, merge_rows
-from streammerge.plan import LoraTerm, Plan, Source, WorkUnit, check_inputs_unchanged, check_output, out_tile_bytes
+from streammerge.kernels import (
+    ACCUMULATE,
+    TORCH_DTYPES,
+    Factors,
+    Workspace,
+    dequant_4bit,
+    dequant_int8,
+    double_quant_scales,
+    merge_rows,
+    nibble_table,
+)
+from streammerge.plan import LoraTerm, Plan, QuantSpec, Source, WorkUnit, check_inputs_unchanged, check_output, out_tile_bytes
 from streammerge.readahead import Readahead
 from streammerge.write import WriteQueue, Writer
 
@@ -74,6 +84,11 @@ class SourceFiles:
             self._open[path] = (fd, mm)
         return self._open[path]
 
+    def raw(self, path: str, offset: int, nbytes: int) -> torch.Tensor:
+        """``nbytes`` bytes at ``offset`` of a file as a zero-copy uint8 tensor."""
+        _, mm = self.get(path)
+        return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=offset)
+
     def tensor(self, src: Source, first_elem: int, count: int) -> torch.Tensor:
         """Elements ``first_elem : first_elem + count`` of ``src`` as a zero-copy 1-D tensor."""
         _, mm = self.get(src.file)
@@ -119,6 +134,51 @@ def _load_factors(files: SourceFiles, term: LoraTerm, device: torch.device) -> F
     return Factors(a=load(term.a), b=load(term.b), scale=term.scale, transpose=term.transpose)
 
 
+@dataclass
+class _Dequantizer:
+    """A quantized unit's statistics, loaded once per unit; produces dequantized row tiles."""
+
+    quant: QuantSpec
+    table: torch.Tensor | None
+    scales: torch.Tensor
+
+    @classmethod
+    def load(cls, files: SourceFiles, quant: QuantSpec, device: torch.device) -> _Dequantizer:
+        def load(src: Source | None) -> torch.Tensor:
+            assert src is not None
+            t = files.raw(src.file, src.offset, src.nbytes).view(TORCH_DTYPES[src.dtype]).to(device, copy=True)
+            files.release(src.file, src.offset, src.nbytes)
+            return t
+
+        if quant.kind == "int8":
+            return cls(quant, None, load(quant.scb))
+        table = nibble_table(load(quant.quant_map))
+        if quant.nested_absmax is not None:
+            nested_map = load(quant.nested_quant_map)
+            scales = double_quant_scales(
+                load(quant.absmax), nested_map, load(quant.nested_absmax), quant.nested_blocksize, quant.nested_offset
+            )
+        else:
+            scales = load(quant.absmax)
+        return cls(quant, table, scales)
+
+    def tile(self, files: SourceFiles, unit: WorkUnit, row0: int, out: torch.Tensor) -> None:
+        """Rows ``row0 : row0 + len(out)`` of the weight, dequantized into ``out``."""
+        src, n = unit.source, out.shape[0]
+        first, count = row0 * unit.row_elems, n * unit.row_elems
+        if self.table is None:  # int8: one byte per element, one scale per row
+            rows = files.raw(src.file, src.offset + first, count).view(torch.int8).view(n, unit.row_elems)
+            dequant_int8(rows.to(out.device), self.scales[row0 : row0 + n], out)
+            files.release(src.file, src.offset + first, count)
+            return
+        start, end = first // 2, (first + count + 1) // 2
+        packed = files.raw(src.file, src.offset + start, end - start).to(out.device)
+        blocksize = self.quant.blocksize
+        scales = self.scales[first // blocksize : (first + count + blocksize - 1) // blocksize]
+        dequant_4bit(packed, self.table, scales, blocksize, out)
+        files.release(src.file, src.offset + start, end - start)
+
+
 def _run_unit(unit: WorkUnit, files: SourceFiles, out: WriteQueue, work: Workspace, advance: Callable[[int], None]) -> None:
     src = unit.source
     if unit.op == "copy":
@@ -130,17 +190,22 @@ def _run_unit(unit: WorkUnit, files: SourceFiles, out: WriteQueue, work: Workspa
     in_size, out_size = TORCH_DTYPES[src.dtype].itemsize, out_dtype.itemsize
     factors = [_load_factors(files, term, work.device) for term in unit.lora]
     acc = work.get("acc", ACCUMULATE, (unit.chunk_rows, unit.row_elems)) if factors else None
+    dequant = _Dequantizer.load(files, unit.quant, work.device) if unit.quant else None
     on_cpu = work.device.type == "cpu"
     for row0 in range(0, unit.rows, unit.tile_rows):
         n = min(unit.tile_rows, unit.rows - row0)
         first, count = row0 * unit.row_elems, n * unit.row_elems
         shape = (n, unit.row_elems)
-        files.populate(src.file, src.offset + first * in_size, count * in_size)
-        tile = files.tensor(src, first, count).view(shape)
-        if unit.base_dtype != src.dtype:  # a base weight saved with the adapter: as loaded into the base
-            tile = tile.to(TORCH_DTYPES[unit.base_dtype])
-        if not on_cpu:
-            tile = work.get("in", tile.dtype, shape).copy_(tile)
+        if dequant is not None:
+            tile = work.get("dequant", TORCH_DTYPES[unit.base_dtype], shape)
+            dequant.tile(files, unit, row0, tile)
+        else:
+            files.populate(src.file, src.offset + first * in_size, count * in_size)
+            tile = files.tensor(src, first, count).view(shape)
+            if unit.base_dtype != src.dtype:  # a base weight saved with the adapter: as loaded into the base
+                tile = tile.to(TORCH_DTYPES[unit.base_dtype])
+            if not on_cpu:
+                tile = work.get("in", tile.dtype, shape).copy_(tile)
         buffer = out.acquire()
         host = torch.frombuffer(buffer, dtype=out_dtype, count=count).view(shape)
         result = host if on_cpu else work.get("out", out_dtype, shape)
@@ -151,7 +216,8 @@ def _run_unit(unit: WorkUnit, files: SourceFiles, out: WriteQueue, work: Workspa
         if not on_cpu:
             host.copy_(result)
         del tile, host, result
-        files.release(src.file, src.offset + first * in_size, count * in_size)
+        if dequant is None:
+            files.release(src.file, src.offset + first * in_size, count * in_size)
         out.write(unit.shard, unit.offset + first * out_size, buffer, count * out_size)
         advance(count * out_size)
 

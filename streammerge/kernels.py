@@ -75,6 +75,55 @@ def merge_rows(w_rows: torch.Tensor, factors: list[Factors], row0: int, acc: tor
     return out
 
 
+def nibble_table(quant_map: torch.Tensor) -> torch.Tensor:
+    """(256, 2) float32: the two 4-bit codes of every byte decoded; the high nibble is the even element."""
+    byte = torch.arange(256, device=quant_map.device)
+    return torch.stack([quant_map[byte >> 4], quant_map[byte & 0xF]], dim=1).contiguous()
+
+
+def double_quant_scales(
+    absmax_u8: torch.Tensor, nested_quant_map: torch.Tensor, nested_absmax: torch.Tensor, nested_blocksize: int, offset: float
+) -> torch.Tensor:
+    """Per-block float32 scales of a double-quantized 4-bit weight.
+
+    ``nested_quant_map[absmax_u8[j]] * nested_absmax[j // nested_blocksize]``, then ``+ offset`` as a
+    separate float32 step, exactly as bitsandbytes rebuilds them.
+    """
+    nested = nested_absmax.repeat_interleave(nested_blocksize)[: absmax_u8.numel()]
+    scales = nested_quant_map[absmax_u8.long()] * nested
+    return scales.add_(torch.tensor(offset, dtype=torch.float32, device=scales.device))
+
+
+def dequant_4bit(packed: torch.Tensor, table: torch.Tensor, scales: torch.Tensor, blocksize: int, out: torch.Tensor) -> torch.Tensor:
+    """Dequantize ``out.numel()`` consecutive 4-bit elements that start on a block boundary.
+
+    ``packed`` holds their codes (uint8, two per byte), ``scales`` the float32 scale of each block
+    they touch. ``value = code_value * scale`` in float32, then one cast into ``out`` (the weight's
+    dtype). Blocks run over the flattened weight, whatever its row length.
+
+    >>> table = nibble_table(torch.linspace(-1, 1, 16))
+    >>> dequant_4bit(torch.tensor([0x0F, 0xF0], dtype=torch.uint8), table, torch.tensor([2.0, 0.5]), 2, torch.empty(4)).tolist()
+    [-2.0, 2.0, 0.5, -0.5]
+    """
+    count = out.numel()
+    values = table.index_select(0, packed.int()).view(-1)[:count]
+    full = count - count % blocksize
+    values[:full].view(-1, blocksize).mul_(scales[: full // blocksize, None])
+    if full < count:
+        values[full:].mul_(scales[full // blocksize])
+    return out.view(-1).copy_(values).view(out.shape)
+
+
+def dequant_int8(rows: torch.Tensor, scb: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """LLM.int8 rows: ``(int8 * SCB[:, None]) * (1/127)`` in float32, one cast into ``out``.
+
+    >>> dequant_int8(torch.tensor([[127, -127]], dtype=torch.int8), torch.tensor([2.0]), torch.empty(1, 2)).tolist()
+    [[2.0, -2.0]]
+    """
+    values = rows.to(torch.float32).mul_(scb[:, None]).mul_(1 / 127)
+    return out.copy_(values)
+
+
 class Workspace:
     """Flat device buffers reused from tile to tile (grown, never shrunk), keyed by role and dtype."""
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from streammerge.errors import AdapterMismatch, BadCheckpoint, OutputError, PlanMismatch, StreamMergeError
+from streammerge.formats.bnb import Quant4bit, Quant8bit, Quantized, find_quantized
 from streammerge.formats.checkpoint import (
     CONFIG_NAME,
     INDEX_NAME,
@@ -47,7 +48,7 @@ PER_UNIT_BOOKKEEPING_BYTES = 4096
 TOKENIZER_FILE_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "chat_template", "vocab", "merges")
 TOKENIZER_FILE_SUFFIXES = (".model", ".tiktoken")
 
-Op = Literal["copy", "cast", "merge"]
+Op = Literal["copy", "cast", "merge", "dequant"]
 Device = Literal["auto", "cpu", "cuda"]
 
 
@@ -79,6 +80,46 @@ class LoraTerm:
 
 
 @dataclass(frozen=True)
+class QuantSpec:
+    """How to dequantize a bitsandbytes source: 4-bit (nf4/fp4) block scales or int8 row scales."""
+
+    kind: str
+    """"nf4", "fp4" or "int8"."""
+    blocksize: int
+    absmax: Source | None = None
+    quant_map: Source | None = None
+    nested_absmax: Source | None = None
+    nested_quant_map: Source | None = None
+    nested_blocksize: int = 0
+    nested_offset: float = 0.0
+    scb: Source | None = None
+
+    @classmethod
+    def of(cls, q: Quantized) -> QuantSpec:
+        if isinstance(q, Quant8bit):
+            return cls(kind="int8", blocksize=0, scb=Source.of(q.scb))
+        opt = [None if t is None else Source.of(t) for t in (q.nested_absmax, q.nested_quant_map)]
+        return cls(
+            kind=q.quant_type,
+            blocksize=q.blocksize,
+            absmax=Source.of(q.absmax),
+            quant_map=Source.of(q.quant_map),
+            nested_absmax=opt[0],
+            nested_quant_map=opt[1],
+            nested_blocksize=q.nested_blocksize if q.nested_absmax is not None else 0,
+            nested_offset=q.nested_offset,
+        )
+
+    def stats_bytes(self) -> int:
+        """Bytes of the statistics held for the whole unit (scales in float32 plus what they come from)."""
+        if self.scb is not None:
+            return 2 * self.scb.nbytes
+        assert self.absmax is not None
+        blocks = math.prod(self.absmax.shape)
+        return blocks * 4 + self.absmax.nbytes + (blocks * 8 if self.nested_absmax is not None else 0) + 4096
+
+
+@dataclass(frozen=True)
 class WorkUnit:
     """One output tensor: its source, what to do, and exactly where its bytes go."""
 
@@ -102,6 +143,8 @@ class WorkUnit:
     """Rows of one float64 accumulator chunk within a tile (merges only)."""
     work_bytes: int
     """Bytes this unit's tile needs beyond the runtime (mapped source, accumulator, output, factors)."""
+    quant: QuantSpec | None = None
+    """Set when the source is a bitsandbytes-quantized weight: dequantize each tile first."""
 
 
 @dataclass(frozen=True)
@@ -201,6 +244,12 @@ def plan_from_dict(obj: Any, where: str = "plan") -> Plan:
         def src(d: dict[str, Any]) -> Source:
             return Source(**{**d, "shape": _tuple(d["shape"])})
 
+        def quant(d: dict[str, Any] | None) -> QuantSpec | None:
+            if d is None:
+                return None
+            fields: dict[str, Any] = {k: (src(v) if isinstance(v, dict) else v) for k, v in d.items()}
+            return QuantSpec(**fields)
+
         units = tuple(
             WorkUnit(
                 **{
@@ -208,6 +257,7 @@ def plan_from_dict(obj: Any, where: str = "plan") -> Plan:
                     "source": src(u["source"]),
                     "shape": _tuple(u["shape"]),
                     "lora": tuple(LoraTerm(**{**t, "a": src(t["a"]), "b": src(t["b"])}) for t in u["lora"]),
+                    "quant": quant(u.get("quant")),
                 }
             )
             for u in obj["units"]
@@ -266,24 +316,27 @@ def plan(
     if not adapters:
         raise StreamMergeError("give at least one adapter folder")
     ckpt = open_checkpoint(base)
-    quant = is_quantized(ckpt)
-    if quant:
-        raise BadCheckpoint(f"{ckpt.root}: base is quantized ({quant}); merging into quantized bases is not supported yet")
+    method = is_quantized(ckpt)
+    if method not in (None, "bitsandbytes", "bitsandbytes 4-bit", "bitsandbytes 8-bit"):
+        raise BadCheckpoint(f"{ckpt.root}: base is quantized with {method}; streammerge reads bitsandbytes 4/8-bit and unquantized bases")
+    quantized = find_quantized(ckpt.tensors)
+    if out_dtype == "auto" and quantized:
+        out_dtype = quantized_default_dtype(ckpt.config, quantized)
+    ckpt = logical_view(ckpt, quantized)
     opened = [open_adapter(a) for a in adapters]
     out_path = os.path.abspath(os.fspath(out))
     check_output(out_path, [ckpt.root, *(a.root for a in opened)], overwrite)
 
     updates = map_lora_terms(ckpt, opened)
-    specs = [_unit_spec(t, updates.get(t.name, BaseUpdate(())), out_dtype, tile_bytes) for t in ckpt.ordered()]
+    specs = [_unit_spec(t, updates.get(t.name, BaseUpdate(())), out_dtype, tile_bytes, quantized.get(t.name)) for t in ckpt.ordered()]
     units, shards = layout_shards(specs, max_shard_bytes)
     copy_files = _files_to_copy(ckpt.root, [a.root for a in opened])
     config = output_config(ckpt.config, out_dtype)
     inputs = _fingerprints(ckpt, opened, copy_files)
-    notes = (
-        [f"{len(ckpt.ignored)} tensors stored in shards but absent from the index are not written (the index is authoritative)"]
-        if ckpt.ignored
-        else []
+    notes = [f"{len(ckpt.ignored)} tensors stored in shards but absent from the index are not written (the index is authoritative)"] * bool(
+        ckpt.ignored
     )
+    notes += quantized_notes(quantized, any(u.op == "merge" and u.quant for u in units))
     estimate = estimate_run(units, shards, copy_files, config, tile_bytes, device)
     return Plan(
         version=PLAN_VERSION,
@@ -303,6 +356,53 @@ def plan(
         estimate=estimate,
         notes=tuple(notes),
     )
+
+
+def quantized_default_dtype(config: dict[str, Any] | None, quantized: dict[str, Quantized]) -> str:
+    """Output dtype when none is asked for: bnb_4bit_compute_dtype for 4-bit bases, else the model's dtype, else bf16."""
+    config = config or {}
+    qc = config.get("quantization_config") or {}
+    candidates = [config.get("dtype"), config.get("torch_dtype"), "bfloat16"]
+    if any(isinstance(q, Quant4bit) for q in quantized.values()):
+        candidates.insert(0, qc.get("bnb_4bit_compute_dtype") if isinstance(qc, dict) else None)
+    for name in candidates:
+        if isinstance(name, str) and name.removeprefix("torch.") in ("bfloat16", "float16", "float32"):
+            return parse_dtype(name)
+    return "BF16"
+
+
+def logical_view(ckpt: Checkpoint, quantized: dict[str, Quantized]) -> Checkpoint:
+    """The checkpoint as a model sees it: quantized weights with their logical dtype and shape,
+    their statistics (absmax, quant maps, SCB, ...) gone. Byte locations stay those of the packed data."""
+    if not quantized:
+        return ckpt
+    companions = {t.name for q in quantized.values() for t in q.companions()}
+    tensors: dict[str, TensorInfo] = {}
+    for name, t in ckpt.tensors.items():
+        if name in companions:
+            continue
+        q = quantized.get(name)
+        if isinstance(q, Quant4bit):
+            t = dataclasses.replace(t, dtype=q.dtype, shape=q.shape)
+        elif isinstance(q, Quant8bit):
+            dtype = quantized_default_dtype({k: v for k, v in (ckpt.config or {}).items() if k != "quantization_config"}, {})
+            t = dataclasses.replace(t, dtype=dtype)
+        tensors[name] = t
+    order = [tensors[t.name] for t in ckpt.ordered() if t.name in tensors]
+    return dataclasses.replace(ckpt, tensors=tensors, order=tuple(order))
+
+
+def quantized_notes(quantized: dict[str, Quantized], merged: bool) -> list[str]:
+    if not quantized:
+        return []
+    kinds = Counter(q.quant_type if isinstance(q, Quant4bit) else "int8" for q in quantized.values())
+    notes = [f"quantized base: {', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))} weights are dequantized tile by tile"]
+    if merged:
+        notes.append(
+            "the merged weights carry the quantization rounding of the base; merging into the original 16-bit base, "
+            "when you have it, is more exact"
+        )
+    return notes
 
 
 def check_output(out: str, inputs: list[str], overwrite: bool) -> None:
@@ -401,40 +501,63 @@ class _UnitSpec:
     lora: tuple[LoraTerm, ...]
     out_dtype: str
     base_dtype: str
+    shape: tuple[int, ...]
     rows: int
     row_elems: int
     tile_rows: int
     chunk_rows: int
     work_bytes: int
+    quant: QuantSpec | None = None
 
 
 ACC_SIZE = 8
 """Bytes per element of the float64 accumulator (see streammerge.kernels.ACCUMULATE)."""
 
 
-def _unit_spec(t: TensorInfo, update: BaseUpdate, out_dtype: str, tile_bytes: int) -> _UnitSpec:
+QUANT_ROW_COST = {"nf4": 4 + 4 + 1, "fp4": 4 + 4 + 1, "int8": 4 + 4}
+"""Temporaries per element while dequantizing a tile: float32 values, indices or int8 widening, slack."""
+
+
+def _unit_spec(t: TensorInfo, update: BaseUpdate, out_dtype: str, tile_bytes: int, quantized: Quantized | None = None) -> _UnitSpec:
     """One output tensor: keep the base's dtype unless another was asked for; read from the
-    adapter's saved copy of the base weight when there is one."""
+    adapter's saved copy of the base weight when there is one; dequantize a quantized one."""
     lora = update.terms
+    shape = t.shape
     dtype = t.dtype if out_dtype == "auto" or t.dtype not in FLOAT_DTYPES else out_dtype
     base_dtype = t.dtype
-    if update.source is not None:
-        t = dataclasses.replace(update.source, name=t.name)
-    op: Op = "merge" if lora else ("copy" if dtype == t.dtype else "cast")
-    s_in, s_out = DTYPE_SIZES.get(t.dtype, 1), DTYPE_SIZES.get(dtype, 1)  # sub-byte dtypes are only copied
-    if op == "merge":
-        rows, row_elems = t.shape[0], t.shape[1]
+    quant = None if quantized is None else QuantSpec.of(quantized)
+    if quantized is not None:
+        stored = quantized.packed if isinstance(quantized, Quant4bit) else quantized.weight
+        source = Source(file=stored.path, offset=stored.offset, nbytes=stored.nbytes, dtype=stored.dtype, shape=stored.shape)
+    else:
+        if update.source is not None:
+            t = dataclasses.replace(update.source, name=t.name)
+        source = Source.of(t)
+    op: Op = "merge" if lora else "dequant" if quant else ("copy" if dtype == t.dtype else "cast")
+    s_out = DTYPE_SIZES.get(dtype, 1)  # sub-byte dtypes are only copied
+    if op in ("merge", "dequant"):
+        rows, row_elems = shape[0], shape[1]
     else:  # copy/cast do not care about the shape: stream the flat elements
-        rows, row_elems = math.prod(t.shape), 1
-    row_cost = row_elems * (s_in + s_out)  # mapped source row + output row
-    if t.dtype != base_dtype:
-        row_cost += row_elems * DTYPE_SIZES[base_dtype]  # the source rounded to the base's dtype
+        rows, row_elems = math.prod(shape), 1
+    if quant is not None:
+        # packed source bytes, the dequantized tile in the base's dtype, its temporaries, the output
+        row_cost = row_elems * (DTYPE_SIZES[base_dtype] + QUANT_ROW_COST[quant.kind] + s_out + 1)
+    else:
+        row_cost = row_elems * (DTYPE_SIZES.get(t.dtype, 1) + s_out)  # mapped source row + output row
+        if t.dtype != base_dtype:
+            row_cost += row_elems * DTYPE_SIZES[base_dtype]  # the source rounded to the base's dtype
     tile_rows = max(1, min(rows, tile_bytes // max(1, row_cost)))
+    if quant is not None and quant.blocksize:
+        # 4-bit tiles start on a block boundary (blocks run over the flattened weight, across rows)
+        step = quant.blocksize // math.gcd(row_elems, quant.blocksize)
+        tile_rows = min(rows, max(step, tile_rows - tile_rows % step))
     chunk_rows = max(1, min(tile_rows, ACC_CHUNK_BYTES // max(1, row_elems * ACC_SIZE))) if op == "merge" else tile_rows
     work = 0 if op == "copy" else tile_rows * row_cost + sum(_factor_bytes(term) for term in lora)
     if op == "merge":
         work += chunk_rows * row_elems * ACC_SIZE
-    return _UnitSpec(t.name, op, Source.of(t), lora, dtype, base_dtype, rows, row_elems, tile_rows, chunk_rows, work)
+    if quant is not None:
+        work += quant.stats_bytes()
+    return _UnitSpec(t.name, op, source, lora, dtype, base_dtype, shape, rows, row_elems, tile_rows, chunk_rows, work, quant)
 
 
 def _factor_bytes(term: LoraTerm) -> int:
@@ -453,7 +576,7 @@ def layout_shards(specs: list[_UnitSpec], max_shard_bytes: int) -> tuple[list[Wo
     groups: list[list[_UnitSpec]] = []
     current = 0
     for s in specs:
-        n = tensor_nbytes(s.out_dtype, s.source.shape)
+        n = tensor_nbytes(s.out_dtype, s.shape)
         if not groups or (groups[-1] and current + n > max_shard_bytes):
             groups.append([])
             current = 0
@@ -465,17 +588,17 @@ def layout_shards(specs: list[_UnitSpec], max_shard_bytes: int) -> tuple[list[Wo
     units: list[WorkUnit] = []
     shards: list[Shard] = []
     for index, (name, group) in enumerate(zip(names, groups, strict=True)):
-        layout = [OutputTensor(s.name, s.out_dtype, s.source.shape) for s in group]
+        layout = [OutputTensor(s.name, s.out_dtype, s.shape) for s in group]
         head, offsets = build_header(layout, {"format": "pt"})
         size = len(head) + sum(tensor_nbytes(t.dtype, t.shape) for t in layout)
         shards.append(Shard(file=name, header=head[:8].hex() + head[8:].decode("ascii"), size=size, tensors=tuple(s.name for s in group)))
         for s, offset in zip(group, offsets, strict=True):
-            nbytes = tensor_nbytes(s.out_dtype, s.source.shape)
+            nbytes = tensor_nbytes(s.out_dtype, s.shape)
             units.append(
                 WorkUnit(
-                    name=s.name, op=s.op, source=s.source, lora=s.lora, out_dtype=s.out_dtype, base_dtype=s.base_dtype, shape=s.source.shape,
+                    name=s.name, op=s.op, source=s.source, lora=s.lora, out_dtype=s.out_dtype, base_dtype=s.base_dtype, shape=s.shape,
                     shard=index, offset=offset, nbytes=nbytes, rows=s.rows, row_elems=s.row_elems,
-                    tile_rows=s.tile_rows, chunk_rows=s.chunk_rows, work_bytes=s.work_bytes,
+                    tile_rows=s.tile_rows, chunk_rows=s.chunk_rows, work_bytes=s.work_bytes, quant=s.quant,
                 )
             )  # fmt: skip
     return units, shards
@@ -571,12 +694,16 @@ def estimate_run(
     def transient(u: WorkUnit) -> int:
         """Per-unit memory: one tile of mapped source pages (of the rounded copy too) and the factors."""
         elems = u.tile_rows * u.row_elems
+        if u.quant is not None:  # packed bytes, dequantized tile, temporaries, statistics
+            per_elem = 1 + DTYPE_SIZES[u.base_dtype] + QUANT_ROW_COST[u.quant.kind]
+            return elems * per_elem + u.quant.stats_bytes() + sum(_factor_bytes(t) for t in u.lora)
         rounded = elems * DTYPE_SIZES[u.base_dtype] if u.base_dtype != u.source.dtype else 0
         return elems * DTYPE_SIZES[u.source.dtype] + rounded + sum(_factor_bytes(t) for t in u.lora)
 
     computed = [u for u in units if u.op != "copy"]
     peak_transient = max((transient(u) for u in computed), default=0)
-    buffers = WRITE_BUFFERS * out_tile_bytes(units) + acc_chunk_bytes(units) + COPY_FALLBACK_BYTES
+    dequant_tile = max((u.tile_rows * u.row_elems * DTYPE_SIZES[u.base_dtype] for u in units if u.quant), default=0)
+    buffers = WRITE_BUFFERS * out_tile_bytes(units) + acc_chunk_bytes(units) + dequant_tile + COPY_FALLBACK_BYTES
     host = RUNTIME_BASE_BYTES + PER_UNIT_BOOKKEEPING_BYTES * len(units) + buffers + peak_transient
     # On a GPU: the staged input tile, the output tile, the accumulator and the factors.
     device_bytes = 0 if device == "cpu" or not computed else out_tile_bytes(units) + acc_chunk_bytes(units) + peak_transient

@@ -159,6 +159,23 @@ def reference_merge(
     return refs
 
 
+def peak_rss_of(cmd: list[str]) -> int:
+    """Peak RSS in bytes (ru_maxrss) of a command, run through a small launcher process.
+
+    A child forked straight from this (large) pytest process would report the parent's RSS as its
+    own peak, since Linux carries the pre-exec high-water mark over.
+    """
+    import subprocess
+    import sys
+
+    launcher = (
+        "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    return int(subprocess.run([sys.executable, "-c", launcher, *cmd], check=True, env=env, capture_output=True, text=True).stdout)
+
+
 def run_cli(*args: str) -> Any:
     """Run the click CLI in-process; returns click's Result (exit_code, output, stderr)."""
     from click.testing import CliRunner

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import make_llama, make_lora, run_cli
+from tests.conftest import make_llama, make_lora, peak_rss_of, run_cli
 
 
 def assert_one_line_error(result: Any, *needles: str) -> None:
@@ -178,15 +177,8 @@ def test_peak_rss_stays_under_the_estimate(tmp_path: Path) -> None:
     lora = make_lora(base, tmp_path / "lora", r=16)
     out = tmp_path / "out"
     planned = json.loads(run_cli("plan", str(base), str(lora), "-o", str(out), "--json", "--tile-size", "4MiB").output)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    # A small launcher process: a child forked from this (large) pytest process would report the
-    # parent's RSS as its own peak, since Linux carries the pre-exec high-water mark over.
-    launcher = (
-        "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
-        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)"
-    )
     cmd = [sys.executable, "-m", "streammerge", "merge", str(base), str(lora), "-o", str(out), "-q", "--tile-size", "4MiB"]
-    peak = int(subprocess.run([sys.executable, "-c", launcher, *cmd], check=True, env=env, capture_output=True, text=True).stdout)
+    peak = peak_rss_of(cmd)
     assert 100 * 2**20 < peak <= planned["estimate"]["peak_host_bytes"], (peak, planned["estimate"]["peak_host_bytes"])
 
 

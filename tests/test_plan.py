@@ -29,6 +29,7 @@ def spec(name: str, dtype: str, shape: tuple[int, ...]) -> _UnitSpec:
         lora=(),
         out_dtype=dtype,
         base_dtype=dtype,
+        shape=shape,
         rows=n,
         row_elems=1,
         tile_rows=n,
@@ -168,10 +169,10 @@ def test_output_rules(tmp_path: Path, llama_base: Path, llama_lora: Path) -> Non
     streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "exists", overwrite=True)
 
 
-def test_quantized_base_is_refused(tmp_path: Path, llama_lora: Path) -> None:
+def test_other_quantization_methods_are_refused(tmp_path: Path, llama_lora: Path) -> None:
     base = make_llama(tmp_path / "base")
     config = json.loads((base / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
     (base / "config.json").write_text(json.dumps(config))
-    with pytest.raises(BadCheckpoint, match="quantized"):
+    with pytest.raises(BadCheckpoint, match="quantized with gptq"):
         streammerge.plan(base, [str(llama_lora)], out=tmp_path / "out")

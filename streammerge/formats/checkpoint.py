@@ -33,9 +33,13 @@ class Checkpoint:
     config: dict[str, Any] | None
     ignored: tuple[str, ...]
     """Tensors present in a shard but absent from the index (the index wins; they are not loaded)."""
+    order: tuple[TensorInfo, ...] | None = None
+    """Read order when it is not the headers' (a view of the checkpoint with tensors replaced)."""
 
     def ordered(self) -> list[TensorInfo]:
         """Tensors in read order: shard by shard, each in byte order (sequential disk reads)."""
+        if self.order is not None:
+            return list(self.order)
         keep = self.tensors
         return [t for h in self.headers for t in h.tensors if keep.get(t.name) is t]
 
@@ -137,7 +141,7 @@ def is_quantized(ckpt: Checkpoint) -> str | None:
     """Name the quantization scheme of a base if it has one (bitsandbytes 4/8-bit), else None."""
     qc = (ckpt.config or {}).get("quantization_config")
     if isinstance(qc, dict):
-        return str(qc.get("quant_method", "unknown quantization"))
+        return str(qc.get("quant_method", "an unknown quantization method"))
     for name in ckpt.tensors:
         if name.endswith(BNB_4BIT_SUFFIXES):
             return "bitsandbytes 4-bit"
