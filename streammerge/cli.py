@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from streammerge.errors import StreamMergeError
-from streammerge.plan import DEFAULT_TILE_BYTES, Plan
+from streammerge.plan import DEFAULT_TILE_BYTES, MODES, Plan
 from streammerge.plan import plan as make_plan
 from streammerge.units import format_bytes
 
@@ -39,6 +39,14 @@ _tile_option = click.option(
 )
 _device_option = click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto uses CUDA when torch sees a GPU."
+)
+_mode_option = click.option(
+    "--mode",
+    type=click.Choice(list(MODES)),
+    default="merged_16bit",
+    show_default=True,
+    help="merged_16bit: a standalone 16-bit model; merged_4bit: linear weights re-quantized to 4 bit (bitsandbytes NF4, "
+    "or the base's own 4-bit settings); lora: only the adapter, normalised and checked against the base.",
 )
 _quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 _out_option = click.option("-o", "--out", required=True, type=click.Path(), help="Output folder (written atomically; must not exist).")
@@ -89,10 +97,18 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _make_plan(
-    base: str, adapters: tuple[str, ...], out: str, dtype: str, max_shard_size: str, tile_size: str, device: str, overwrite: bool
+    base: str, adapters: tuple[str, ...], out: str, dtype: str, max_shard_size: str, tile_size: str, device: str, overwrite: bool, mode: str
 ) -> Plan:
     return make_plan(
-        base, list(adapters), out, dtype=dtype, max_shard_size=max_shard_size, tile_size=tile_size, device=device, overwrite=overwrite
+        base,
+        list(adapters),
+        out,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        tile_size=tile_size,
+        device=device,
+        overwrite=overwrite,
+        mode=mode,
     )
 
 
@@ -103,7 +119,7 @@ def _describe_plan(p: Plan) -> list[tuple[str, str]]:
     rows = [
         ("base", f"{p.base}  ({tensors} tensors, {format_bytes(in_bytes)})"),
         *[("adapter", a) for a in p.adapters],
-        ("output", f"{p.out}  ({len(p.shards)} shard{'s' if len(p.shards) != 1 else ''}, dtype {p.dtype})"),
+        ("output", f"{p.out}  ({len(p.shards)} shard{'s' if len(p.shards) != 1 else ''}, dtype {p.dtype}, {p.mode})"),
         (
             "work",
             "  ".join(f"{op} {e.units.get(op, 0)}" for op in ("merge", "dequant", "cast", "copy") if op in e.units or op != "dequant"),
@@ -147,6 +163,7 @@ def _execute(p: Plan, quiet: bool, device: str | None) -> None:
 @_shard_option
 @_tile_option
 @_device_option
+@_mode_option
 @_overwrite_option
 @_quiet_option
 def merge(
@@ -157,17 +174,20 @@ def merge(
     max_shard_size: str,
     tile_size: str,
     device: str,
+    mode: str,
     overwrite: bool,
     quiet: bool,
 ) -> None:
     """Merge the LoRA ADAPTERS into the model in BASE and write a standalone model to OUT.
 
     \b
-    Example:
+    Examples:
       streammerge merge ./Llama-3.1-8B ./my-lora -o ./merged --dtype bfloat16
+      streammerge merge ./llama-bnb-4bit ./qlora -o ./merged            (16-bit output)
+      streammerge merge ./llama-bnb-4bit ./qlora -o ./merged-4bit --mode merged_4bit
     Several adapters are summed: W + sum_i s_i * B_i @ A_i.
     """
-    _execute(_make_plan(base, adapters, out, dtype, max_shard_size, tile_size, device, overwrite), quiet, None)
+    _execute(_make_plan(base, adapters, out, dtype, max_shard_size, tile_size, device, overwrite, mode), quiet, None)
 
 
 @cli.command("plan")
@@ -178,6 +198,7 @@ def merge(
 @_shard_option
 @_tile_option
 @_device_option
+@_mode_option
 @_overwrite_option
 @click.option("--json", "as_json", is_flag=True, help="Print the whole plan, with its estimate, as JSON.")
 @click.option("--save", type=click.Path(), help="Save the plan as JSON here; run it later with `streammerge run`.")
@@ -189,6 +210,7 @@ def plan_cmd(
     max_shard_size: str,
     tile_size: str,
     device: str,
+    mode: str,
     overwrite: bool,
     as_json: bool,
     save: str | None,
@@ -200,7 +222,7 @@ def plan_cmd(
       streammerge plan ./Llama-3.1-70B ./my-lora -o ./merged --save plan.json
       streammerge run plan.json
     """
-    p = _make_plan(base, adapters, out, dtype, max_shard_size, tile_size, device, overwrite)
+    p = _make_plan(base, adapters, out, dtype, max_shard_size, tile_size, device, overwrite, mode)
     if save:
         p.save(save)
     if as_json:

@@ -10,6 +10,7 @@ offset the plan fixed. Untouched tensors are copied file to file in the kernel
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 import os
 import resource
@@ -27,13 +28,25 @@ from streammerge.kernels import (
     TORCH_DTYPES,
     Factors,
     Workspace,
+    as_bytes,
     dequant_4bit,
     dequant_int8,
     double_quant_scales,
     merge_rows,
     nibble_table,
 )
-from streammerge.plan import LoraTerm, Plan, QuantSpec, Source, WorkUnit, check_inputs_unchanged, check_output, out_tile_bytes
+from streammerge.plan import (
+    NESTED_BLOCKSIZE,
+    LoraTerm,
+    Plan,
+    QuantSpec,
+    Source,
+    WorkUnit,
+    check_inputs_unchanged,
+    check_output,
+    out_tile_bytes,
+    quant_state_bytes,
+)
 from streammerge.readahead import Readahead
 from streammerge.write import WriteQueue, Writer
 
@@ -179,6 +192,52 @@ class _Dequantizer:
         files.release(src.file, src.offset + start, end - start)
 
 
+class _Requantizer:
+    """Quantizes a unit's merged tiles back to 4 bit with bitsandbytes; writes the statistics at the end."""
+
+    def __init__(self, unit: WorkUnit) -> None:
+        import bitsandbytes.functional as bnb_f  # only plans with merged_4bit output pay for this import
+
+        assert unit.requant is not None
+        self.bnb = bnb_f
+        self.unit = unit
+        self.spec = unit.requant
+        blocks = math.ceil(unit.rows * unit.row_elems / self.spec.blocksize)
+        self.absmax = torch.empty(blocks, dtype=torch.float32)
+        self.code: torch.Tensor | None = None
+
+    def tile(self, merged: torch.Tensor, first: int) -> torch.Tensor:
+        """Pack one merged float32 tile (starting on a block boundary); returns its codes (uint8, CPU)."""
+        packed, state = self.bnb.quantize_4bit(
+            merged.reshape(-1),
+            blocksize=self.spec.blocksize,
+            quant_type=self.spec.quant_type,
+            compress_statistics=False,
+            quant_storage=torch.uint8,
+        )
+        block0 = first // self.spec.blocksize
+        self.absmax[block0 : block0 + state.absmax.numel()] = state.absmax.cpu()
+        self.code = state.code.cpu()
+        return packed.reshape(-1).cpu()
+
+    def statistics(self) -> dict[str, bytes]:
+        """The bytes of every statistics tensor, by name (the double quantization needs all block scales)."""
+        assert self.code is not None
+        spec, name = self.spec, self.unit.name
+        stats: dict[str, torch.Tensor] = {name + ".quant_map": self.code}
+        offset = 0.0
+        if spec.double_quant:
+            mean = self.absmax.mean()
+            qabsmax, nested = self.bnb.quantize_blockwise(self.absmax - mean, blocksize=NESTED_BLOCKSIZE)
+            offset = float(mean)
+            stats |= {name + ".absmax": qabsmax, name + ".nested_absmax": nested.absmax, name + ".nested_quant_map": nested.code}
+        else:
+            stats[name + ".absmax"] = self.absmax
+        out = {k: bytes(as_bytes(v.contiguous().cpu())) for k, v in stats.items()}
+        out[f"{name}.quant_state.bitsandbytes__{spec.quant_type}"] = quant_state_bytes(spec, offset)
+        return out
+
+
 def _run_unit(unit: WorkUnit, files: SourceFiles, out: WriteQueue, work: Workspace, advance: Callable[[int], None]) -> None:
     src = unit.source
     if unit.op == "copy":
@@ -191,6 +250,9 @@ def _run_unit(unit: WorkUnit, files: SourceFiles, out: WriteQueue, work: Workspa
     factors = [_load_factors(files, term, work.device) for term in unit.lora]
     acc = work.get("acc", ACCUMULATE, (unit.chunk_rows, unit.row_elems)) if factors else None
     dequant = _Dequantizer.load(files, unit.quant, work.device) if unit.quant else None
+    requant = _Requantizer(unit) if unit.requant else None
+    if requant is not None:
+        out_dtype, out_size = torch.float32, 4  # the merged tile, before bitsandbytes packs it
     on_cpu = work.device.type == "cpu"
     for row0 in range(0, unit.rows, unit.tile_rows):
         n = min(unit.tile_rows, unit.rows - row0)
@@ -206,20 +268,43 @@ def _run_unit(unit: WorkUnit, files: SourceFiles, out: WriteQueue, work: Workspa
                 tile = tile.to(TORCH_DTYPES[unit.base_dtype])
             if not on_cpu:
                 tile = work.get("in", tile.dtype, shape).copy_(tile)
-        buffer = out.acquire()
-        host = torch.frombuffer(buffer, dtype=out_dtype, count=count).view(shape)
-        result = host if on_cpu else work.get("out", out_dtype, shape)
-        if acc is not None:
-            merge_rows(tile, factors, row0, acc, result)
+        if requant is not None:
+            result = work.get("requant", out_dtype, shape)
+            _compute(tile, factors, row0, acc, result)
+            packed = requant.tile(result, first)
+            buffer = out.acquire()
+            torch.frombuffer(buffer, dtype=torch.uint8, count=packed.numel()).copy_(packed)
+            out.write(unit.shard, unit.offset + first // 2, buffer, packed.numel())
+            written = packed.numel()
         else:
-            result.copy_(tile)
-        if not on_cpu:
-            host.copy_(result)
-        del tile, host, result
+            buffer = out.acquire()
+            host = torch.frombuffer(buffer, dtype=out_dtype, count=count).view(shape)
+            result = host if on_cpu else work.get("out", out_dtype, shape)
+            _compute(tile, factors, row0, acc, result)
+            if not on_cpu:
+                host.copy_(result)
+            del host
+            out.write(unit.shard, unit.offset + first * out_size, buffer, count * out_size)
+            written = count * out_size
+        del tile, result
         if dequant is None:
             files.release(src.file, src.offset + first * in_size, count * in_size)
-        out.write(unit.shard, unit.offset + first * out_size, buffer, count * out_size)
-        advance(count * out_size)
+        advance(written)
+    if requant is not None:
+        slots = {x.name: x for x in unit.extra}
+        for name, data in requant.statistics().items():
+            slot = slots[name]
+            if len(data) != slot.nbytes:
+                raise AssertionError(f"{name}: {len(data)} bytes, planned {slot.nbytes}")
+            out.write_now(unit.shard, slot.offset, data)
+
+
+def _compute(tile: torch.Tensor, factors: list[Factors], row0: int, acc: torch.Tensor | None, result: torch.Tensor) -> None:
+    """The merge of one tile into ``result`` (rounded once), or a plain conversion when nothing adapts it."""
+    if acc is not None:
+        merge_rows(tile, factors, row0, acc, result)
+    else:
+        result.copy_(tile)
 
 
 def _peak_rss_bytes() -> int:

@@ -28,7 +28,7 @@ from streammerge.formats.checkpoint import (
     is_quantized,
     open_checkpoint,
 )
-from streammerge.formats.peft import Adapter, LoraPair, open_adapter
+from streammerge.formats.peft import PEFT_PREFIX, Adapter, LoraPair, open_adapter
 from streammerge.formats.safetensors import DTYPE_SIZES, FLOAT_DTYPES, OutputTensor, TensorInfo, build_header, tensor_nbytes
 from streammerge.units import parse_dtype, parse_size
 
@@ -49,6 +49,9 @@ TOKENIZER_FILE_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "c
 TOKENIZER_FILE_SUFFIXES = (".model", ".tiktoken")
 
 Op = Literal["copy", "cast", "merge", "dequant"]
+MODES = ("merged_16bit", "merged_4bit", "lora")
+"""merged_16bit: a 16/32-bit model; merged_4bit: linear weights re-quantized with bitsandbytes (NF4);
+lora: only the adapter, normalised (key names, dtype), checked against the base."""
 Device = Literal["auto", "cpu", "cuda"]
 
 
@@ -120,6 +123,51 @@ class QuantSpec:
 
 
 @dataclass(frozen=True)
+class OutputSlot:
+    """An extra output tensor a unit writes (the statistics of a re-quantized weight)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class RequantSpec:
+    """Quantize the merged weight back to 4 bit (``--mode merged_4bit``), as bitsandbytes does."""
+
+    quant_type: str
+    blocksize: int
+    double_quant: bool
+    logical_shape: tuple[int, int]
+    state_dtype: str
+    """The dequantized dtype the quant state records (a torch dtype name, e.g. "bfloat16")."""
+    state_bytes: int
+    """Fixed length of the quant-state JSON (padded with spaces) so its offset is known at plan time."""
+
+    def stats(self, name: str) -> list[OutputTensor]:
+        """The statistics tensors bitsandbytes stores beside the packed weight ``name``."""
+        n = self.logical_shape[0] * self.logical_shape[1]
+        blocks = math.ceil(n / self.blocksize)
+        out = [OutputTensor(name + ".absmax", "U8" if self.double_quant else "F32", (blocks,))]
+        if self.double_quant:
+            out += [
+                OutputTensor(name + ".nested_absmax", "F32", (math.ceil(blocks / NESTED_BLOCKSIZE),)),
+                OutputTensor(name + ".nested_quant_map", "F32", (256,)),
+            ]
+        out += [
+            OutputTensor(name + ".quant_map", "F32", (16,)),
+            OutputTensor(f"{name}.quant_state.bitsandbytes__{self.quant_type}", "U8", (self.state_bytes,)),
+        ]
+        return out
+
+
+NESTED_BLOCKSIZE = 256
+"""bitsandbytes' block size for double-quantizing the block scales."""
+
+
+@dataclass(frozen=True)
 class WorkUnit:
     """One output tensor: its source, what to do, and exactly where its bytes go."""
 
@@ -145,6 +193,10 @@ class WorkUnit:
     """Bytes this unit's tile needs beyond the runtime (mapped source, accumulator, output, factors)."""
     quant: QuantSpec | None = None
     """Set when the source is a bitsandbytes-quantized weight: dequantize each tile first."""
+    requant: RequantSpec | None = None
+    """Set in merged_4bit mode for weights written 4-bit: ``out_dtype``/``shape`` are then the packed bytes."""
+    extra: tuple[OutputSlot, ...] = ()
+    """Further tensors this unit writes (a re-quantized weight's statistics), all in the same shard."""
 
 
 @dataclass(frozen=True)
@@ -194,6 +246,8 @@ class Plan:
     """Requested output dtype: a safetensors dtype name, or "auto" (each tensor keeps its own)."""
     device: str
     overwrite: bool
+    mode: str
+    """merged_16bit, merged_4bit or lora (see :data:`MODES`)."""
     max_shard_bytes: int
     write_buffers: int
     """How many output tiles may be in flight (see :func:`out_tile_bytes` for their size)."""
@@ -225,9 +279,10 @@ class Plan:
 
     def index(self) -> dict[str, Any]:
         """The ``model.safetensors.index.json`` content of the output."""
-        total = sum(u.nbytes for u in self.units)
-        params = sum(math.prod(u.shape) for u in self.units)
-        weight_map = {u.name: self.shards[u.shard].file for u in sorted(self.units, key=lambda u: u.name)}
+        total = sum(u.nbytes + sum(x.nbytes for x in u.extra) for u in self.units)
+        params = sum(math.prod(u.requant.logical_shape if u.requant else u.shape) for u in self.units)
+        names = [(name, u.shard) for u in self.units for name in (u.name, *(x.name for x in u.extra))]
+        weight_map = {name: self.shards[shard].file for name, shard in sorted(names)}
         return {"metadata": {"total_size": total, "total_parameters": params}, "weight_map": weight_map}
 
 
@@ -258,6 +313,10 @@ def plan_from_dict(obj: Any, where: str = "plan") -> Plan:
                     "shape": _tuple(u["shape"]),
                     "lora": tuple(LoraTerm(**{**t, "a": src(t["a"]), "b": src(t["b"])}) for t in u["lora"]),
                     "quant": quant(u.get("quant")),
+                    "requant": None
+                    if u.get("requant") is None
+                    else RequantSpec(**{**u["requant"], "logical_shape": _tuple(u["requant"]["logical_shape"])}),
+                    "extra": tuple(OutputSlot(**{**x, "shape": _tuple(x["shape"])}) for x in u.get("extra", ())),
                 }
             )
             for u in obj["units"]
@@ -294,11 +353,13 @@ def plan(
     tile_size: int | str = DEFAULT_TILE_BYTES,
     device: str = "auto",
     overwrite: bool = False,
+    mode: str = "merged_16bit",
 ) -> Plan:
     """Plan merging LoRA ``adapters`` into the safetensors model ``base``, writing to ``out``.
 
-    Reads headers and JSON only. ``dtype`` is "auto" (keep each tensor's dtype) or one of
-    bfloat16/bf16, float16/fp16, float32/fp32; sizes accept ints or strings like "5GB", "512MiB".
+    Reads headers and JSON only. ``dtype`` is "auto" (keep each tensor's dtype; for a quantized
+    base its compute dtype) or one of bfloat16/bf16, float16/fp16, float32/fp32; sizes accept ints
+    or strings like "5GB", "512MiB". ``mode`` is one of :data:`MODES`.
 
     Example::
 
@@ -311,6 +372,8 @@ def plan(
     tile_bytes = parse_size(tile_size, "tile size")
     if device not in ("auto", "cpu", "cuda"):
         raise StreamMergeError(f"device must be auto, cpu or cuda, not {device!r}")
+    if mode not in MODES:
+        raise StreamMergeError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if isinstance(adapters, (str, os.PathLike)):
         adapters = [os.fspath(adapters)]
     if not adapters:
@@ -320,7 +383,7 @@ def plan(
     if method not in (None, "bitsandbytes", "bitsandbytes 4-bit", "bitsandbytes 8-bit"):
         raise BadCheckpoint(f"{ckpt.root}: base is quantized with {method}; streammerge reads bitsandbytes 4/8-bit and unquantized bases")
     quantized = find_quantized(ckpt.tensors)
-    if out_dtype == "auto" and quantized:
+    if out_dtype == "auto" and (quantized or mode == "merged_4bit") and mode != "lora":
         out_dtype = quantized_default_dtype(ckpt.config, quantized)
     ckpt = logical_view(ckpt, quantized)
     opened = [open_adapter(a) for a in adapters]
@@ -328,15 +391,29 @@ def plan(
     check_output(out_path, [ckpt.root, *(a.root for a in opened)], overwrite)
 
     updates = map_lora_terms(ckpt, opened)
-    specs = [_unit_spec(t, updates.get(t.name, BaseUpdate(())), out_dtype, tile_bytes, quantized.get(t.name)) for t in ckpt.ordered()]
-    units, shards = layout_shards(specs, max_shard_bytes)
-    copy_files = _files_to_copy(ckpt.root, [a.root for a in opened])
-    config = output_config(ckpt.config, out_dtype)
-    inputs = _fingerprints(ckpt, opened, copy_files)
     notes = [f"{len(ckpt.ignored)} tensors stored in shards but absent from the index are not written (the index is authoritative)"] * bool(
         ckpt.ignored
     )
-    notes += quantized_notes(quantized, any(u.op == "merge" and u.quant for u in units))
+    if mode == "lora":
+        if len(opened) > 1:
+            raise StreamMergeError("--mode lora writes one adapter; give exactly one")
+        specs = [_unit_spec(t, BaseUpdate(()), out_dtype, tile_bytes) for t in adapter_tensors(opened[0])]
+        units, shards = layout_shards(specs, max_shard_bytes, single_name=ADAPTER_WEIGHTS_NAME)
+        copy_files = _adapter_files(opened[0].root)
+        config = None
+    else:
+        requant = requant_choices(ckpt, quantized, out_dtype) if mode == "merged_4bit" else {}
+        specs = [
+            _unit_spec(t, updates.get(t.name, BaseUpdate(())), out_dtype, tile_bytes, quantized.get(t.name), requant.get(t.name))
+            for t in ckpt.ordered()
+        ]
+        units, shards = layout_shards(specs, max_shard_bytes)
+        copy_files = _files_to_copy(ckpt.root, [a.root for a in opened])
+        config = output_config(ckpt.config, out_dtype, requant_config(ckpt.config, quantized, out_dtype) if requant else None)
+        notes += quantized_notes(quantized, any(u.op == "merge" and u.quant for u in units))
+        if requant:
+            notes.append(f"{len(requant)} weights are re-quantized to 4 bit ({next(iter(requant.values())).quant_type}) after merging")
+    inputs = _fingerprints(ckpt, opened, copy_files)
     estimate = estimate_run(units, shards, copy_files, config, tile_bytes, device)
     return Plan(
         version=PLAN_VERSION,
@@ -346,6 +423,7 @@ def plan(
         dtype=out_dtype,
         device=device,
         overwrite=overwrite,
+        mode=mode,
         max_shard_bytes=max_shard_bytes,
         write_buffers=WRITE_BUFFERS,
         units=tuple(units),
@@ -356,6 +434,98 @@ def plan(
         estimate=estimate,
         notes=tuple(notes),
     )
+
+
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def adapter_tensors(adapter: Adapter) -> list[TensorInfo]:
+    """The adapter's tensors under PEFT's normalised key names, in file order (``--mode lora``)."""
+    named: dict[str, str] = {}
+    for pair in adapter.pairs:
+        named[pair.a.name] = f"{PEFT_PREFIX}{pair.module}.lora_A.weight"
+        named[pair.b.name] = f"{PEFT_PREFIX}{pair.module}.lora_B.weight"
+    for module, t in adapter.base_copies.items():
+        named[t.name] = f"{PEFT_PREFIX}{module}.base_layer.weight"
+    tensors = sorted((t for p in adapter.pairs for t in (p.a, p.b)), key=lambda t: t.offset)
+    tensors += sorted(adapter.base_copies.values(), key=lambda t: t.offset)
+    return [dataclasses.replace(t, name=named[t.name]) for t in tensors]
+
+
+def _adapter_files(root: str) -> list[CopyFile]:
+    """Everything of an adapter folder but its weights: adapter_config.json (kept as is), README, tokenizer."""
+    return [
+        CopyFile(src=os.path.join(root, name), dst=name)
+        for name in sorted(os.listdir(root))
+        if not name.startswith(".") and not _is_weight_file(name) and os.path.isfile(os.path.join(root, name))
+    ]
+
+
+_LINEAR_SKIP = ("embed", "wte", "wpe", "lm_head", "norm", "score")
+"""Name parts of 2-D weights that are not linear layers transformers would quantize."""
+
+
+def requant_choices(ckpt: Checkpoint, quantized: dict[str, Quantized], out_dtype: str) -> dict[str, RequantSpec]:
+    """Which weights ``--mode merged_4bit`` writes in 4 bit, and how.
+
+    From a 4-bit base: exactly its 4-bit weights, each with its own quant type and block size.
+    Otherwise: every 2-D ``*.weight`` that is not an embedding, norm or output head, in NF4 with
+    double quantization and blocksize 64 (what QLoRA uses).
+    """
+    state_dtype = _DTYPE_CONFIG_NAMES[out_dtype]
+    four_bit = {name: q for name, q in quantized.items() if isinstance(q, Quant4bit)}
+    chosen: dict[str, RequantSpec] = {}
+    for t in ckpt.ordered():
+        q = four_bit.get(t.name)
+        if four_bit and q is None:
+            continue
+        if q is None and (len(t.shape) != 2 or not t.name.endswith(".weight") or any(p in t.name for p in _LINEAR_SKIP)):
+            continue
+        if t.dtype not in FLOAT_DTYPES:
+            continue
+        quant_type, blocksize, double = (q.quant_type, q.blocksize, q.nested_absmax is not None) if q else ("nf4", 64, True)
+        shape = (t.shape[0], t.shape[1])
+        state = _quant_state_json(quant_type, blocksize, state_dtype, shape, double, 0.0)
+        chosen[t.name] = RequantSpec(quant_type, blocksize, double, shape, state_dtype, len(state) + 32)
+    return chosen
+
+
+def _quant_state_json(quant_type: str, blocksize: int, dtype: str, shape: tuple[int, int], double: bool, offset: float) -> bytes:
+    """The quant-state JSON bitsandbytes writes (same keys, same order)."""
+    state: dict[str, Any] = {"quant_type": quant_type, "blocksize": blocksize, "dtype": dtype, "shape": list(shape)}
+    if double:
+        state |= {"nested_blocksize": NESTED_BLOCKSIZE, "nested_dtype": "float32", "nested_offset": offset}
+    return json.dumps(state).encode("utf-8")
+
+
+def quant_state_bytes(spec: RequantSpec, offset: float) -> bytes:
+    """The quant-state JSON of a re-quantized weight, padded with spaces to its planned length."""
+    raw = _quant_state_json(spec.quant_type, spec.blocksize, spec.state_dtype, spec.logical_shape, spec.double_quant, offset)
+    if len(raw) > spec.state_bytes:
+        raise AssertionError(f"quant state {raw!r} longer than planned {spec.state_bytes} bytes")
+    return raw + b" " * (spec.state_bytes - len(raw))
+
+
+def requant_config(config: dict[str, Any] | None, quantized: dict[str, Quantized], out_dtype: str) -> dict[str, Any]:
+    """quantization_config for a merged_4bit output: the base's own when it was 4-bit, else QLoRA's defaults."""
+    qc = (config or {}).get("quantization_config")
+    if any(isinstance(q, Quant4bit) for q in quantized.values()) and isinstance(qc, dict):
+        return {**qc, "bnb_4bit_compute_dtype": _DTYPE_CONFIG_NAMES[out_dtype]}
+    return {
+        "quant_method": "bitsandbytes",
+        "_load_in_4bit": True,
+        "_load_in_8bit": False,
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_compute_dtype": _DTYPE_CONFIG_NAMES[out_dtype],
+        "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_enable_fp32_cpu_offload": False,
+        "llm_int8_has_fp16_weight": False,
+        "llm_int8_skip_modules": None,
+        "llm_int8_threshold": 6.0,
+    }
 
 
 def quantized_default_dtype(config: dict[str, Any] | None, quantized: dict[str, Quantized]) -> str:
@@ -508,6 +678,11 @@ class _UnitSpec:
     chunk_rows: int
     work_bytes: int
     quant: QuantSpec | None = None
+    requant: RequantSpec | None = None
+
+    def outputs(self) -> list[OutputTensor]:
+        main = OutputTensor(self.name, self.out_dtype, self.shape)
+        return [main] + (self.requant.stats(self.name) if self.requant else [])
 
 
 ACC_SIZE = 8
@@ -518,7 +693,14 @@ QUANT_ROW_COST = {"nf4": 4 + 4 + 1, "fp4": 4 + 4 + 1, "int8": 4 + 4}
 """Temporaries per element while dequantizing a tile: float32 values, indices or int8 widening, slack."""
 
 
-def _unit_spec(t: TensorInfo, update: BaseUpdate, out_dtype: str, tile_bytes: int, quantized: Quantized | None = None) -> _UnitSpec:
+def _unit_spec(
+    t: TensorInfo,
+    update: BaseUpdate,
+    out_dtype: str,
+    tile_bytes: int,
+    quantized: Quantized | None = None,
+    requant: RequantSpec | None = None,
+) -> _UnitSpec:
     """One output tensor: keep the base's dtype unless another was asked for; read from the
     adapter's saved copy of the base weight when there is one; dequantize a quantized one."""
     lora = update.terms
@@ -533,9 +715,11 @@ def _unit_spec(t: TensorInfo, update: BaseUpdate, out_dtype: str, tile_bytes: in
         if update.source is not None:
             t = dataclasses.replace(update.source, name=t.name)
         source = Source.of(t)
-    op: Op = "merge" if lora else "dequant" if quant else ("copy" if dtype == t.dtype else "cast")
+    op: Op = "merge" if lora else "dequant" if quant else ("copy" if dtype == t.dtype and not requant else "cast")
     s_out = DTYPE_SIZES.get(dtype, 1)  # sub-byte dtypes are only copied
-    if op in ("merge", "dequant"):
+    if requant is not None:
+        s_out = 4 + 2  # the merged tile in float32, then bitsandbytes' packed codes and temporaries
+    if op in ("merge", "dequant") or requant is not None:
         rows, row_elems = shape[0], shape[1]
     else:  # copy/cast do not care about the shape: stream the flat elements
         rows, row_elems = math.prod(shape), 1
@@ -547,17 +731,21 @@ def _unit_spec(t: TensorInfo, update: BaseUpdate, out_dtype: str, tile_bytes: in
         if t.dtype != base_dtype:
             row_cost += row_elems * DTYPE_SIZES[base_dtype]  # the source rounded to the base's dtype
     tile_rows = max(1, min(rows, tile_bytes // max(1, row_cost)))
-    if quant is not None and quant.blocksize:
-        # 4-bit tiles start on a block boundary (blocks run over the flattened weight, across rows)
-        step = quant.blocksize // math.gcd(row_elems, quant.blocksize)
-        tile_rows = min(rows, max(step, tile_rows - tile_rows % step))
+    for blocksize in (quant.blocksize if quant else 0, requant.blocksize if requant else 0):
+        if blocksize:  # 4-bit tiles start on a block boundary (blocks run over the flattened weight, across rows)
+            step = blocksize // math.gcd(row_elems, blocksize)
+            tile_rows = min(rows, max(step, tile_rows - tile_rows % step))
     chunk_rows = max(1, min(tile_rows, ACC_CHUNK_BYTES // max(1, row_elems * ACC_SIZE))) if op == "merge" else tile_rows
     work = 0 if op == "copy" else tile_rows * row_cost + sum(_factor_bytes(term) for term in lora)
     if op == "merge":
         work += chunk_rows * row_elems * ACC_SIZE
     if quant is not None:
         work += quant.stats_bytes()
-    return _UnitSpec(t.name, op, source, lora, dtype, base_dtype, shape, rows, row_elems, tile_rows, chunk_rows, work, quant)
+    out_shape: tuple[int, ...] = shape
+    if requant is not None:  # the main output is the packed codes; the block scales are kept for the unit
+        work += math.ceil(math.prod(shape) / requant.blocksize) * 4 * 3
+        dtype, out_shape = "U8", (math.ceil(math.prod(shape) / 2), 1)
+    return _UnitSpec(t.name, op, source, lora, dtype, base_dtype, out_shape, rows, row_elems, tile_rows, chunk_rows, work, quant, requant)
 
 
 def _factor_bytes(term: LoraTerm) -> int:
@@ -566,17 +754,18 @@ def _factor_bytes(term: LoraTerm) -> int:
     return elems * ACC_SIZE + term.a.nbytes + term.b.nbytes
 
 
-def layout_shards(specs: list[_UnitSpec], max_shard_bytes: int) -> tuple[list[WorkUnit], list[Shard]]:
+def layout_shards(specs: list[_UnitSpec], max_shard_bytes: int, single_name: str = SINGLE_NAME) -> tuple[list[WorkUnit], list[Shard]]:
     """Assign units to shards in order, starting a new shard when the next tensor would overflow.
 
     A tensor larger than ``max_shard_bytes`` gets a shard of its own. Shards are named as
     transformers names them: ``model.safetensors`` alone, else ``model-0000i-of-0000N.safetensors``.
+    With another ``single_name`` (an adapter file) everything goes into that one file.
     Pure: returns units with their absolute byte offsets, and the shards with their headers.
     """
     groups: list[list[_UnitSpec]] = []
     current = 0
     for s in specs:
-        n = tensor_nbytes(s.out_dtype, s.shape)
+        n = sum(tensor_nbytes(t.dtype, t.shape) for t in s.outputs())
         if not groups or (groups[-1] and current + n > max_shard_bytes):
             groups.append([])
             current = 0
@@ -584,21 +773,25 @@ def layout_shards(specs: list[_UnitSpec], max_shard_bytes: int) -> tuple[list[Wo
         current += n
     if not groups:
         raise BadCheckpoint("the base holds no tensors")
-    names = [SINGLE_NAME] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    if single_name != SINGLE_NAME and len(groups) > 1:
+        groups = [[s for g in groups for s in g]]
+    names = [single_name] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
     units: list[WorkUnit] = []
     shards: list[Shard] = []
     for index, (name, group) in enumerate(zip(names, groups, strict=True)):
-        layout = [OutputTensor(s.name, s.out_dtype, s.shape) for s in group]
+        layout = [t for s in group for t in s.outputs()]
         head, offsets = build_header(layout, {"format": "pt"})
         size = len(head) + sum(tensor_nbytes(t.dtype, t.shape) for t in layout)
-        shards.append(Shard(file=name, header=head[:8].hex() + head[8:].decode("ascii"), size=size, tensors=tuple(s.name for s in group)))
-        for s, offset in zip(group, offsets, strict=True):
-            nbytes = tensor_nbytes(s.out_dtype, s.shape)
+        shards.append(Shard(file=name, header=head[:8].hex() + head[8:].decode("ascii"), size=size, tensors=tuple(t.name for t in layout)))
+        slots = iter(zip(layout, offsets, strict=True))
+        for s in group:
+            (_, offset), *extra = [next(slots) for _ in s.outputs()]
             units.append(
                 WorkUnit(
                     name=s.name, op=s.op, source=s.source, lora=s.lora, out_dtype=s.out_dtype, base_dtype=s.base_dtype, shape=s.shape,
-                    shard=index, offset=offset, nbytes=nbytes, rows=s.rows, row_elems=s.row_elems,
-                    tile_rows=s.tile_rows, chunk_rows=s.chunk_rows, work_bytes=s.work_bytes, quant=s.quant,
+                    shard=index, offset=offset, nbytes=tensor_nbytes(s.out_dtype, s.shape), rows=s.rows, row_elems=s.row_elems,
+                    tile_rows=s.tile_rows, chunk_rows=s.chunk_rows, work_bytes=s.work_bytes, quant=s.quant, requant=s.requant,
+                    extra=tuple(OutputSlot(t.name, t.dtype, t.shape, o, tensor_nbytes(t.dtype, t.shape)) for t, o in extra),
                 )
             )  # fmt: skip
     return units, shards
@@ -612,11 +805,14 @@ def shard_header_bytes(shard: Shard) -> bytes:
 _DTYPE_CONFIG_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 
 
-def output_config(config: dict[str, Any] | None, out_dtype: str) -> dict[str, Any] | None:
-    """config.json for the merged model: no quantization_config; dtype set when one was asked for."""
+def output_config(config: dict[str, Any] | None, out_dtype: str, quantization: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """config.json for the merged model: the given quantization_config (none for 16-bit output);
+    dtype set when one was asked for."""
     if config is None:
         return None
     result = {k: v for k, v in config.items() if k != "quantization_config"}
+    if quantization is not None:
+        result["quantization_config"] = quantization
     if out_dtype != "auto":
         # transformers 5 reads "dtype", older versions "torch_dtype": write both.
         result["dtype"] = result["torch_dtype"] = _DTYPE_CONFIG_NAMES[out_dtype]
@@ -694,16 +890,21 @@ def estimate_run(
     def transient(u: WorkUnit) -> int:
         """Per-unit memory: one tile of mapped source pages (of the rounded copy too) and the factors."""
         elems = u.tile_rows * u.row_elems
+        if u.requant is not None:  # bitsandbytes' packed codes and block scales of a tile, the unit's statistics
+            extra = elems + math.ceil(u.rows * u.row_elems / u.requant.blocksize) * 4 * 3 + sum(x.nbytes for x in u.extra)
+        else:
+            extra = 0
         if u.quant is not None:  # packed bytes, dequantized tile, temporaries, statistics
             per_elem = 1 + DTYPE_SIZES[u.base_dtype] + QUANT_ROW_COST[u.quant.kind]
-            return elems * per_elem + u.quant.stats_bytes() + sum(_factor_bytes(t) for t in u.lora)
+            return extra + elems * per_elem + u.quant.stats_bytes() + sum(_factor_bytes(t) for t in u.lora)
         rounded = elems * DTYPE_SIZES[u.base_dtype] if u.base_dtype != u.source.dtype else 0
-        return elems * DTYPE_SIZES[u.source.dtype] + rounded + sum(_factor_bytes(t) for t in u.lora)
+        return extra + elems * DTYPE_SIZES[u.source.dtype] + rounded + sum(_factor_bytes(t) for t in u.lora)
 
     computed = [u for u in units if u.op != "copy"]
     peak_transient = max((transient(u) for u in computed), default=0)
     dequant_tile = max((u.tile_rows * u.row_elems * DTYPE_SIZES[u.base_dtype] for u in units if u.quant), default=0)
-    buffers = WRITE_BUFFERS * out_tile_bytes(units) + acc_chunk_bytes(units) + dequant_tile + COPY_FALLBACK_BYTES
+    requant_tile = max((u.tile_rows * u.row_elems * 4 for u in units if u.requant), default=0)
+    buffers = WRITE_BUFFERS * out_tile_bytes(units) + acc_chunk_bytes(units) + dequant_tile + requant_tile + COPY_FALLBACK_BYTES
     host = RUNTIME_BASE_BYTES + PER_UNIT_BOOKKEEPING_BYTES * len(units) + buffers + peak_transient
     # On a GPU: the staged input tile, the output tile, the accumulator and the factors.
     device_bytes = 0 if device == "cpu" or not computed else out_tile_bytes(units) + acc_chunk_bytes(units) + peak_transient

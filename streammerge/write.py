@@ -265,6 +265,11 @@ class WriteQueue:
         self._check()
         self._jobs.put(_Write(shard, offset, buffer, nbytes))
 
+    def write_now(self, shard: int, offset: int, data: bytes) -> None:
+        """Write small data at once from the calling thread (positioned writes do not collide)."""
+        self._check()
+        self.writer.write(shard, offset, data)
+
     def copy(self, shard: int, offset: int, src_fd: int, src_offset: int, nbytes: int) -> None:
         """Queue a file-to-file copy of an untouched tensor."""
         self._check()
