@@ -177,3 +177,119 @@ def test_bad_quantized_inputs_exit_2_naming_the_tensor(tmp_path: Path) -> None:
     _edit_tensor(shard, "model.layers.1.mlp.up_proj.weight.absmax", {"dtype": "U8", "shape": [math.ceil(176 * 64 / 64) * 4]})
     with pytest.raises(BadCheckpoint, match=r"up_proj.weight.absmax.*expected F32"):
         streammerge.plan(base, str(adapter), out=tmp_path / "o")
+
+
+# ---------------------------------------------------------------------------------------------
+# --mode merged_4bit and --mode lora
+
+
+def _header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    from safetensors import safe_open
+
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            for k in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                t = f.get_slice(k)
+                out[k] = (t.get_dtype(), tuple(t.get_shape()))
+    return out
+
+
+def _within_one_step(four_bit: Path, merged16: dict[str, torch.Tensor], names: list[str]) -> None:
+    """Dequantized 4-bit weights within one quantization step (largest code gap x block scale) of the 16-bit merge."""
+    from tests.quantized_fixtures import read_quant_state
+
+    deq = load_dequantized_reference(four_bit)
+    stored = load_folder(four_bit)
+    for name in names:
+        state = read_quant_state(stored, name)
+        code = stored[name + ".quant_map"].sort().values
+        step = float((code[1:] - code[:-1]).max())
+        w = merged16[name].float().reshape(-1)
+        bs = state["blocksize"]
+        pad = (-w.numel()) % bs
+        scale = torch.nn.functional.pad(w.abs(), (0, pad)).view(-1, bs).amax(dim=1).repeat_interleave(bs)[: w.numel()]
+        err = (deq[name].float().reshape(-1) - w).abs()
+        assert bool((err <= step * scale * 1.02 + 1e-6).all()), (name, float((err / scale.clamp_min(1e-12)).max()), step)
+
+
+def test_merged_4bit_from_4bit_base_loads_and_stays_within_one_step(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    base = make_llama_4bit(tmp_path / "base", quant_type="fp4", double_quant=True)
+    adapter = make_lora_4bit(base, tmp_path / "lora")
+    merged16 = merge(base, adapter, tmp_path / "m16")
+    merge(base, adapter, tmp_path / "m4", mode="merged_4bit")
+
+    def layout(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:  # quant-state JSON is padded to a planned length
+        return {k: (d, () if ".quant_state." in k else s) for k, (d, s) in _header(path).items()}
+
+    assert layout(tmp_path / "m4") == layout(base)  # same keys, dtypes and shapes as the 4-bit base
+    config = read_json(tmp_path / "m4" / "config.json")
+    assert config["quantization_config"]["bnb_4bit_quant_type"] == "fp4"
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m4", device_map="cpu")
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    names = [n for n in merged16 if n.endswith("proj.weight")]
+    _within_one_step(tmp_path / "m4", merged16, names)
+
+
+def test_merged_4bit_from_16bit_base(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import make_llama
+
+    base = make_llama(tmp_path / "base")
+    adapter = make_lora(base, tmp_path / "lora", target_modules=["q_proj", "down_proj"])
+    merged16 = merge(base, adapter, tmp_path / "m16")
+    merge(base, adapter, tmp_path / "m4", mode="merged_4bit", max_shard_size="60KB")
+    header = _header(tmp_path / "m4")
+    quantized = sorted(n.split(".quant_state")[0] for n in header if ".quant_state.bitsandbytes__nf4" in n)
+    assert quantized == sorted(n for n in merged16 if n.endswith("proj.weight"))  # every linear, not embeddings/norms/lm_head
+    assert header["lm_head.weight"] == ("BF16", (128, 64))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m4", device_map="cpu")
+    assert type(model.model.layers[1].mlp.down_proj).__name__ == "Linear4bit"
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+    _within_one_step(tmp_path / "m4", merged16, quantized)
+
+
+def test_plan_with_requantized_units_round_trips(tmp_path: Path) -> None:
+    base = make_llama_4bit(tmp_path / "base", quant_type="nf4", double_quant=False)
+    adapter = make_lora_4bit(base, tmp_path / "lora", target_modules=["q_proj"])
+    p = streammerge.plan(base, str(adapter), out=tmp_path / "o", mode="merged_4bit")
+    p.save(tmp_path / "p.json")
+    assert streammerge.Plan.load(tmp_path / "p.json") == p
+    assert any(u.requant and u.extra for u in p.units)
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bf16"])
+def test_lora_mode_round_trips(tmp_path: Path, dtype: str) -> None:
+    from safetensors.torch import load_file
+
+    from tests.conftest import make_llama
+
+    base = make_llama(tmp_path / "base")
+    adapter = make_lora(base, tmp_path / "lora", target_modules=["q_proj", "lm_head"])
+    r = run_cli("merge", str(base), str(adapter), "-o", str(tmp_path / "norm"), "--mode", "lora", "--dtype", dtype, "-q")
+    assert r.exit_code == 0, r.stderr
+    out = tmp_path / "norm"
+    assert (out / "adapter_config.json").read_text() == (adapter / "adapter_config.json").read_text()
+    original, normalised = load_file(adapter / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    assert sorted(original) == sorted(normalised)
+    for name, t in original.items():
+        want = t if dtype == "auto" else t.to(torch.bfloat16)
+        assert normalised[name].dtype == want.dtype and torch.equal(normalised[name], want), name
+    # the normalised adapter merges like the original
+    a = merge(base, adapter, tmp_path / "a", dtype="bf16")
+    b = merge(base, out, tmp_path / "b", dtype="bf16")
+    if dtype == "auto":
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_mode_checks_the_adapter_against_the_base(tmp_path: Path) -> None:
+    from tests.conftest import make_llama
+
+    adapter = make_lora(make_llama(tmp_path / "base"), tmp_path / "lora")
+    other = make_llama(tmp_path / "other", hidden_size=32, intermediate_size=64)
+    r = run_cli("plan", str(other), str(adapter), "-o", str(tmp_path / "o"), "--mode", "lora")
+    assert r.exit_code == 2 and "base tensor is [32" in r.stderr
