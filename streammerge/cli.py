@@ -48,6 +48,19 @@ _mode_option = click.option(
     help="merged_16bit: a standalone 16-bit model; merged_4bit: linear weights re-quantized to 4 bit (bitsandbytes NF4, "
     "or the base's own 4-bit settings); lora: only the adapter, normalised and checked against the base.",
 )
+_weights_option = click.option(
+    "--weights",
+    default=None,
+    help="One weight per adapter, comma separated (e.g. 0.7,0.3); default 1 each.",
+)
+_combination_option = click.option(
+    "--combination",
+    type=click.Choice(["cat", "linear"]),
+    default="cat",
+    show_default=True,
+    help="cat: W + sum_i w_i s_i B_i A_i (exact, any ranks; PEFT's 'cat'); linear: PEFT's 'linear' "
+    "(weighted sums of the A's and of the B's, equal ranks, cross terms included).",
+)
 _quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 _out_option = click.option("-o", "--out", required=True, type=click.Path(), help="Output folder (written atomically; must not exist).")
 _overwrite_option = click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
@@ -96,8 +109,27 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.meta["streammerge.debug"] = debug
 
 
+def _parse_weights(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError as e:
+        raise StreamMergeError(f"--weights {text!r} must be numbers separated by commas, e.g. 0.7,0.3") from e
+
+
 def _make_plan(
-    base: str, adapters: tuple[str, ...], out: str, dtype: str, max_shard_size: str, tile_size: str, device: str, overwrite: bool, mode: str
+    base: str,
+    adapters: tuple[str, ...],
+    out: str,
+    dtype: str,
+    max_shard_size: str,
+    tile_size: str,
+    device: str,
+    overwrite: bool,
+    mode: str,
+    weights: str | None = None,
+    combination: str = "cat",
 ) -> Plan:
     return make_plan(
         base,
@@ -109,6 +141,8 @@ def _make_plan(
         device=device,
         overwrite=overwrite,
         mode=mode,
+        weights=_parse_weights(weights),
+        combination=combination,
     )
 
 
@@ -118,7 +152,10 @@ def _describe_plan(p: Plan) -> list[tuple[str, str]]:
     in_bytes = sum(u.source.nbytes for u in p.units)
     rows = [
         ("base", f"{p.base}  ({tensors} tensors, {format_bytes(in_bytes)})"),
-        *[("adapter", a) for a in p.adapters],
+        *[
+            ("adapter", f"{a}  ({', '.join(f)}{f'; weight {w:g}' if len(p.adapters) > 1 else ''})")
+            for a, f, w in zip(p.adapters, p.flavours, p.weights, strict=True)
+        ],
         ("output", f"{p.out}  ({len(p.shards)} shard{'s' if len(p.shards) != 1 else ''}, dtype {p.dtype}, {p.mode})"),
         (
             "work",
@@ -164,6 +201,8 @@ def _execute(p: Plan, quiet: bool, device: str | None) -> None:
 @_tile_option
 @_device_option
 @_mode_option
+@_weights_option
+@_combination_option
 @_overwrite_option
 @_quiet_option
 def merge(
@@ -175,6 +214,8 @@ def merge(
     tile_size: str,
     device: str,
     mode: str,
+    weights: str | None,
+    combination: str,
     overwrite: bool,
     quiet: bool,
 ) -> None:
@@ -185,9 +226,10 @@ def merge(
       streammerge merge ./Llama-3.1-8B ./my-lora -o ./merged --dtype bfloat16
       streammerge merge ./llama-bnb-4bit ./qlora -o ./merged            (16-bit output)
       streammerge merge ./llama-bnb-4bit ./qlora -o ./merged-4bit --mode merged_4bit
-    Several adapters are summed: W + sum_i s_i * B_i @ A_i.
+    Several adapters: streammerge merge BASE A1 A2 -o OUT --weights 0.7,0.3 gives
+    W + sum_i w_i s_i B_i @ A_i (one read and one write of the base, whatever their number).
     """
-    _execute(_make_plan(base, adapters, out, dtype, max_shard_size, tile_size, device, overwrite, mode), quiet, None)
+    _execute(_make_plan(base, adapters, out, dtype, max_shard_size, tile_size, device, overwrite, mode, weights, combination), quiet, None)
 
 
 @cli.command("plan")
@@ -199,6 +241,8 @@ def merge(
 @_tile_option
 @_device_option
 @_mode_option
+@_weights_option
+@_combination_option
 @_overwrite_option
 @click.option("--json", "as_json", is_flag=True, help="Print the whole plan, with its estimate, as JSON.")
 @click.option("--save", type=click.Path(), help="Save the plan as JSON here; run it later with `streammerge run`.")
@@ -211,6 +255,8 @@ def plan_cmd(
     tile_size: str,
     device: str,
     mode: str,
+    weights: str | None,
+    combination: str,
     overwrite: bool,
     as_json: bool,
     save: str | None,
@@ -222,7 +268,7 @@ def plan_cmd(
       streammerge plan ./Llama-3.1-70B ./my-lora -o ./merged --save plan.json
       streammerge run plan.json
     """
-    p = _make_plan(base, adapters, out, dtype, max_shard_size, tile_size, device, overwrite, mode)
+    p = _make_plan(base, adapters, out, dtype, max_shard_size, tile_size, device, overwrite, mode, weights, combination)
     if save:
         p.save(save)
     if as_json:

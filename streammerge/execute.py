@@ -29,6 +29,7 @@ from streammerge.kernels import (
     Factors,
     Workspace,
     as_bytes,
+    combine_linear,
     dequant_4bit,
     dequant_int8,
     double_quant_scales,
@@ -248,6 +249,10 @@ def _run_unit(unit: WorkUnit, files: SourceFiles, out: WriteQueue, work: Workspa
     out_dtype = TORCH_DTYPES[unit.out_dtype]
     in_size, out_size = TORCH_DTYPES[src.dtype].itemsize, out_dtype.itemsize
     factors = [_load_factors(files, term, work.device) for term in unit.lora]
+    if unit.combination == "linear" and len(factors) > 1:
+        factors = [combine_linear(factors)]
+    magnitude = _load_vector(files, unit.magnitude, work.device) if unit.magnitude else None
+    adds = [(_load_vector(files, a.source, work.device), a.scale) for a in unit.adds]
     acc = work.get("acc", ACCUMULATE, (unit.chunk_rows, unit.row_elems)) if factors else None
     dequant = _Dequantizer.load(files, unit.quant, work.device) if unit.quant else None
     requant = _Requantizer(unit) if unit.requant else None
@@ -270,7 +275,7 @@ def _run_unit(unit: WorkUnit, files: SourceFiles, out: WriteQueue, work: Workspa
                 tile = work.get("in", tile.dtype, shape).copy_(tile)
         if requant is not None:
             result = work.get("requant", out_dtype, shape)
-            _compute(tile, factors, row0, acc, result)
+            _compute(tile, factors, row0, acc, result, magnitude, adds, first)
             packed = requant.tile(result, first)
             buffer = out.acquire()
             torch.frombuffer(buffer, dtype=torch.uint8, count=packed.numel()).copy_(packed)
@@ -280,7 +285,7 @@ def _run_unit(unit: WorkUnit, files: SourceFiles, out: WriteQueue, work: Workspa
             buffer = out.acquire()
             host = torch.frombuffer(buffer, dtype=out_dtype, count=count).view(shape)
             result = host if on_cpu else work.get("out", out_dtype, shape)
-            _compute(tile, factors, row0, acc, result)
+            _compute(tile, factors, row0, acc, result, magnitude, adds, first)
             if not on_cpu:
                 host.copy_(result)
             del host
@@ -299,12 +304,33 @@ def _run_unit(unit: WorkUnit, files: SourceFiles, out: WriteQueue, work: Workspa
             out.write_now(unit.shard, slot.offset, data)
 
 
-def _compute(tile: torch.Tensor, factors: list[Factors], row0: int, acc: torch.Tensor | None, result: torch.Tensor) -> None:
+def _compute(
+    tile: torch.Tensor,
+    factors: list[Factors],
+    row0: int,
+    acc: torch.Tensor | None,
+    result: torch.Tensor,
+    magnitude: torch.Tensor | None,
+    adds: list[tuple[torch.Tensor, float]],
+    first: int,
+) -> None:
     """The merge of one tile into ``result`` (rounded once), or a plain conversion when nothing adapts it."""
     if acc is not None:
-        merge_rows(tile, factors, row0, acc, result)
+        merge_rows(tile, factors, row0, acc, result, magnitude)
+    elif adds:  # small 1-D tensors (biases): float64 sum, one rounding
+        total = tile.reshape(-1).to(ACCUMULATE, copy=True)
+        for vector, scale in adds:
+            total.add_(vector[first : first + total.numel()], alpha=scale)
+        result.view(-1).copy_(total)
     else:
         result.copy_(tile)
+
+
+def _load_vector(files: SourceFiles, src: Source, device: torch.device) -> torch.Tensor:
+    """A small 1-D tensor (DoRA magnitude, LoRA bias) in float64."""
+    t = files.tensor(src, 0, math.prod(src.shape)).to(device=device, dtype=ACCUMULATE, copy=True)
+    files.release(src.file, src.offset, src.nbytes)
+    return t
 
 
 def _peak_rss_bytes() -> int:

@@ -7,6 +7,7 @@ temporary of the full weight), then one cast into the output buffer.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +47,9 @@ class Factors:
     transpose: bool
 
 
-def merge_rows(w_rows: torch.Tensor, factors: list[Factors], row0: int, acc: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def merge_rows(
+    w_rows: torch.Tensor, factors: list[Factors], row0: int, acc: torch.Tensor, out: torch.Tensor, magnitude: torch.Tensor | None = None
+) -> torch.Tensor:
     """Rows ``row0 : row0 + len(w_rows)`` of ``W + sum(scale * B @ A)``, rounded once into ``out``.
 
     ``w_rows`` is a (rows, cols) slice of the base weight in any float dtype and ``out`` a
@@ -71,8 +74,23 @@ def merge_rows(w_rows: torch.Tensor, factors: list[Factors], row0: int, acc: tor
                 a.addmm_(f.a[:, r0 : r0 + m].T, f.b.T, alpha=f.scale)
             else:
                 a.addmm_(f.b[r0 : r0 + m], f.a, alpha=f.scale)
+        if magnitude is not None:
+            a.mul_((magnitude[r0 : r0 + m] / torch.linalg.vector_norm(a, dim=1))[:, None])
         out[c0 : c0 + m].copy_(a)
     return out
+
+
+def combine_linear(factors: list[Factors]) -> Factors:
+    """PEFT's ``linear`` combination of several LoRA terms of equal rank, as one term.
+
+    With ``w_i`` the term's scale (adapter weight x LoRA scaling): ``A = sum sign(w_i) sqrt(|w_i|) A_i``,
+    ``B = sum sqrt(|w_i|) B_i``, and the delta is ``B @ A``: cross terms included, as in
+    ``add_weighted_adapter(..., combination_type="linear")``.
+    """
+    a = sum(math.copysign(math.sqrt(abs(f.scale)), f.scale) * f.a for f in factors)
+    b = sum(math.sqrt(abs(f.scale)) * f.b for f in factors)
+    assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+    return Factors(a=a, b=b, scale=1.0, transpose=factors[0].transpose)
 
 
 def nibble_table(quant_map: torch.Tensor) -> torch.Tensor:

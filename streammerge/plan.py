@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from streammerge.errors import AdapterMismatch, BadCheckpoint, OutputError, PlanMismatch, StreamMergeError
+from streammerge.errors import AdapterMismatch, BadCheckpoint, OutputError, PlanMismatch, StreamMergeError, UnsupportedAdapter
 from streammerge.formats.bnb import Quant4bit, Quant8bit, Quantized, find_quantized
 from streammerge.formats.checkpoint import (
     CONFIG_NAME,
@@ -80,6 +80,14 @@ class LoraTerm:
     transpose: bool
     adapter: int
     """Index into :attr:`Plan.adapters`."""
+
+
+@dataclass(frozen=True)
+class AddTerm:
+    """``scale * vector`` added to a 1-D base tensor (a LoRA bias added to the layer's bias)."""
+
+    source: Source
+    scale: float
 
 
 @dataclass(frozen=True)
@@ -197,6 +205,13 @@ class WorkUnit:
     """Set in merged_4bit mode for weights written 4-bit: ``out_dtype``/``shape`` are then the packed bytes."""
     extra: tuple[OutputSlot, ...] = ()
     """Further tensors this unit writes (a re-quantized weight's statistics), all in the same shard."""
+    magnitude: Source | None = None
+    """DoRA: each row of ``W + delta`` is rescaled to this magnitude (norm over the row, float64)."""
+    adds: tuple[AddTerm, ...] = ()
+    """Vectors added times their scale (lora_bias), for 1-D units."""
+    combination: str = "cat"
+    """How several LoRA terms combine: "cat" sums the deltas; "linear" multiplies the weighted sums of
+    the B's and of the A's (PEFT's ``linear``), each term's ``scale`` being its weight times its scaling."""
 
 
 @dataclass(frozen=True)
@@ -248,6 +263,10 @@ class Plan:
     overwrite: bool
     mode: str
     """merged_16bit, merged_4bit or lora (see :data:`MODES`)."""
+    flavours: tuple[tuple[str, ...], ...]
+    """What each adapter holds (lora, rslora, dora, embedding lora, modules_to_save, ...)."""
+    weights: tuple[float, ...]
+    combination: str
     max_shard_bytes: int
     write_buffers: int
     """How many output tiles may be in flight (see :func:`out_tile_bytes` for their size)."""
@@ -317,6 +336,8 @@ def plan_from_dict(obj: Any, where: str = "plan") -> Plan:
                     if u.get("requant") is None
                     else RequantSpec(**{**u["requant"], "logical_shape": _tuple(u["requant"]["logical_shape"])}),
                     "extra": tuple(OutputSlot(**{**x, "shape": _tuple(x["shape"])}) for x in u.get("extra", ())),
+                    "magnitude": None if u.get("magnitude") is None else src(u["magnitude"]),
+                    "adds": tuple(AddTerm(source=src(a["source"]), scale=a["scale"]) for a in u.get("adds", ())),
                 }
             )
             for u in obj["units"]
@@ -325,6 +346,8 @@ def plan_from_dict(obj: Any, where: str = "plan") -> Plan:
             **{
                 **obj,
                 "adapters": _tuple(obj["adapters"]),
+                "flavours": tuple(_tuple(f) for f in obj["flavours"]),
+                "weights": _tuple(obj["weights"]),
                 "units": units,
                 "shards": tuple(Shard(**{**s, "tensors": _tuple(s["tensors"])}) for s in obj["shards"]),
                 "copy_files": tuple(CopyFile(**c) for c in obj["copy_files"]),
@@ -354,12 +377,17 @@ def plan(
     device: str = "auto",
     overwrite: bool = False,
     mode: str = "merged_16bit",
+    weights: list[float] | tuple[float, ...] | None = None,
+    combination: str = "cat",
 ) -> Plan:
     """Plan merging LoRA ``adapters`` into the safetensors model ``base``, writing to ``out``.
 
     Reads headers and JSON only. ``dtype`` is "auto" (keep each tensor's dtype; for a quantized
     base its compute dtype) or one of bfloat16/bf16, float16/fp16, float32/fp32; sizes accept ints
-    or strings like "5GB", "512MiB". ``mode`` is one of :data:`MODES`.
+    or strings like "5GB", "512MiB". ``mode`` is one of :data:`MODES`. Several adapters are
+    combined with ``weights`` (default 1 each): ``combination="cat"`` adds ``sum_i w_i s_i B_i @ A_i``
+    (PEFT's ``add_weighted_adapter(..., combination_type="cat")``, exact, any ranks);
+    ``"linear"`` reproduces PEFT's ``linear`` (weighted sums of the A's and of the B's, equal ranks).
 
     Example::
 
@@ -390,26 +418,34 @@ def plan(
     out_path = os.path.abspath(os.fspath(out))
     check_output(out_path, [ckpt.root, *(a.root for a in opened)], overwrite)
 
-    updates = map_lora_terms(ckpt, opened)
+    adapter_weights = _check_weights(weights, len(opened))
+    if combination not in COMBINATIONS:
+        raise StreamMergeError(f"combination must be one of {', '.join(COMBINATIONS)}, not {combination!r}")
+    updates = map_updates(ckpt, opened, adapter_weights, combination)
     notes = [f"{len(ckpt.ignored)} tensors stored in shards but absent from the index are not written (the index is authoritative)"] * bool(
         ckpt.ignored
     )
+    notes += updates.notes
     if mode == "lora":
         if len(opened) > 1:
             raise StreamMergeError("--mode lora writes one adapter; give exactly one")
-        specs = [_unit_spec(t, BaseUpdate(()), out_dtype, tile_bytes) for t in adapter_tensors(opened[0])]
+        specs = [_unit_spec(t, BaseUpdate(), out_dtype, tile_bytes) for t in adapter_tensors(opened[0])]
         units, shards = layout_shards(specs, max_shard_bytes, single_name=ADAPTER_WEIGHTS_NAME)
         copy_files = _adapter_files(opened[0].root)
         config = None
     else:
         requant = requant_choices(ckpt, quantized, out_dtype) if mode == "merged_4bit" else {}
         specs = [
-            _unit_spec(t, updates.get(t.name, BaseUpdate(())), out_dtype, tile_bytes, quantized.get(t.name), requant.get(t.name))
-            for t in ckpt.ordered()
+            _unit_spec(
+                t, updates.by_name.get(t.name, BaseUpdate()), out_dtype, tile_bytes, quantized.get(t.name), requant.get(t.name), combination
+            )
+            for t in [*ckpt.ordered(), *updates.extra_tensors]
         ]
         units, shards = layout_shards(specs, max_shard_bytes)
         copy_files = _files_to_copy(ckpt.root, [a.root for a in opened])
         config = output_config(ckpt.config, out_dtype, requant_config(ckpt.config, quantized, out_dtype) if requant else None)
+        if config is not None:
+            config.update(updates.config_edits)
         notes += quantized_notes(quantized, any(u.op == "merge" and u.quant for u in units))
         if requant:
             notes.append(f"{len(requant)} weights are re-quantized to 4 bit ({next(iter(requant.values())).quant_type}) after merging")
@@ -424,6 +460,9 @@ def plan(
         device=device,
         overwrite=overwrite,
         mode=mode,
+        flavours=tuple(a.flavours for a in opened),
+        weights=tuple(adapter_weights),
+        combination=combination,
         max_shard_bytes=max_shard_bytes,
         write_buffers=WRITE_BUFFERS,
         units=tuple(units),
@@ -437,18 +476,30 @@ def plan(
 
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+COMBINATIONS = ("cat", "linear")
+
+
+def _check_weights(weights: list[float] | tuple[float, ...] | None, count: int) -> list[float]:
+    if weights is None:
+        return [1.0] * count
+    values = list(weights)
+    if len(values) != count or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in values):
+        raise StreamMergeError(f"give one finite weight per adapter: {count} adapters, weights {values}")
+    return [float(w) for w in values]
 
 
 def adapter_tensors(adapter: Adapter) -> list[TensorInfo]:
-    """The adapter's tensors under PEFT's normalised key names, in file order (``--mode lora``)."""
-    named: dict[str, str] = {}
-    for pair in adapter.pairs:
-        named[pair.a.name] = f"{PEFT_PREFIX}{pair.module}.lora_A.weight"
-        named[pair.b.name] = f"{PEFT_PREFIX}{pair.module}.lora_B.weight"
-    for module, t in adapter.base_copies.items():
-        named[t.name] = f"{PEFT_PREFIX}{module}.base_layer.weight"
-    tensors = sorted((t for p in adapter.pairs for t in (p.a, p.b)), key=lambda t: t.offset)
-    tensors += sorted(adapter.base_copies.values(), key=lambda t: t.offset)
+    """The adapter's tensors under PEFT's normalised key names (no adapter name), in file order (``--mode lora``)."""
+    named: dict[str, str] = {t.name: t.name for t in adapter.replacements.values()}
+    for p in adapter.pairs:
+        a, b = ("lora_embedding_A", "lora_embedding_B") if p.embedding else ("lora_A.weight", "lora_B.weight")
+        named[p.a.name], named[p.b.name] = f"{PEFT_PREFIX}{p.module}.{a}", f"{PEFT_PREFIX}{p.module}.{b}"
+        if p.magnitude is not None:
+            named[p.magnitude.name] = f"{PEFT_PREFIX}{p.module}.lora_magnitude_vector"
+        if p.bias is not None:
+            named[p.bias.name] = f"{PEFT_PREFIX}{p.module}.lora_B.bias"
+    everything = [t for p in adapter.pairs for t in (p.a, p.b, p.magnitude, p.bias) if t is not None]
+    tensors = sorted([*everything, *adapter.replacements.values()], key=lambda t: t.offset)
     return [dataclasses.replace(t, name=named[t.name]) for t in tensors]
 
 
@@ -591,74 +642,169 @@ def check_output(out: str, inputs: list[str], overwrite: bool) -> None:
         raise OutputError(f"{out}: parent folder {parent} does not exist")
 
 
-def find_base_tensor(ckpt: Checkpoint, module: str) -> TensorInfo | None:
-    """The base weight a LoRA module adapts: ``<module>.weight``, else the unique tensor ending so."""
-    exact = ckpt.tensors.get(module + ".weight")
+def find_base_tensor(ckpt: Checkpoint, module: str, param: str = "weight") -> TensorInfo | None:
+    """The base tensor of a module PEFT names: ``<module>.weight``, else the unique tensor ending so."""
+    exact = ckpt.tensors.get(f"{module}.{param}")
     if exact is not None:
         return exact
-    suffix = "." + module + ".weight"
+    suffix = f".{module}.{param}"
     found = [t for name, t in ckpt.tensors.items() if name.endswith(suffix)]
     if len(found) == 1:
         return found[0]
     # The base may be saved without the wrapper prefix PEFT saw (e.g. "model."): try dropping it.
     head, _, rest = module.partition(".")
-    return ckpt.tensors.get(rest + ".weight") if head and rest else None
+    return ckpt.tensors.get(f"{rest}.{param}") if head and rest else None
 
 
 @dataclass(frozen=True)
 class BaseUpdate:
-    """What the adapters do to one base tensor: LoRA terms, and maybe a replacement source."""
+    """What the adapters do to one base tensor."""
 
-    terms: tuple[LoraTerm, ...]
+    terms: tuple[LoraTerm, ...] = ()
     source: TensorInfo | None = None
+    """A full tensor saved with an adapter that replaces the base's (modules_to_save, trained bias, saved base layer)."""
+    magnitude: Source | None = None
+    """DoRA magnitude: rows of W + delta are rescaled to it."""
+    adds: tuple[AddTerm, ...] = ()
+    """Vectors added times a scale (lora_bias)."""
 
 
-def map_lora_terms(ckpt: Checkpoint, adapters: list[Adapter]) -> dict[str, BaseUpdate]:
-    """Map every adapter pair to its base tensor, checking shapes; base name -> update."""
+INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "tok_embeddings.weight")
+OUTPUT_EMBEDDING = "lm_head.weight"
+
+
+@dataclass(frozen=True)
+class Updates:
+    """Everything the adapters change, by base tensor name, plus the config edits that follow."""
+
+    by_name: dict[str, BaseUpdate]
+    extra_tensors: tuple[TensorInfo, ...]
+    """Tensors the output needs that the base does not store (an untied lm_head)."""
+    config_edits: dict[str, Any]
+    notes: tuple[str, ...]
+
+
+def _input_embedding(ckpt: Checkpoint) -> TensorInfo | None:
+    found = [t for name, t in ckpt.tensors.items() if name.endswith(INPUT_EMBEDDING_SUFFIXES) and len(t.shape) == 2]
+    return found[0] if len(found) == 1 else None
+
+
+def map_updates(ckpt: Checkpoint, adapters: list[Adapter], weights: list[float], combination: str) -> Updates:
+    """Map every adapter tensor to the base tensor it changes, checking shapes.
+
+    Tied embeddings: when the base stores no ``lm_head.weight`` (or says ``tie_word_embeddings``)
+    and an adapter changes either side, both tensors are written, each with its own changes, and
+    the config unties them: more correct than merging one side's delta into the shared tensor.
+    """
+    embed = _input_embedding(ckpt)
+    tied_config = bool((ckpt.config or {}).get("tie_word_embeddings", False))
+    virtual_head = None
+    if (
+        embed is not None
+        and OUTPUT_EMBEDDING not in ckpt.tensors
+        and (tied_config or ckpt.config is None or "tie_word_embeddings" not in ckpt.config)
+    ):
+        virtual_head = dataclasses.replace(embed, name=OUTPUT_EMBEDDING)
+    lookup = dict(ckpt.tensors)
+    if virtual_head is not None:
+        lookup[OUTPUT_EMBEDDING] = virtual_head
+    view = dataclasses.replace(ckpt, tensors=lookup)
+
     terms: dict[str, list[LoraTerm]] = {}
     sources: dict[str, TensorInfo] = {}
-    for index, adapter in enumerate(adapters):
-        for pair in adapter.pairs:
-            target = find_base_tensor(ckpt, pair.module)
+    magnitudes: dict[str, Source] = {}
+    adds: dict[str, list[AddTerm]] = {}
+    edits: dict[str, Any] = {}
+    for index, (adapter, weight) in enumerate(zip(adapters, weights, strict=True)):
+        for name, saved in adapter.replacements.items():
+            target = view.tensors.get(name) or find_base_tensor(view, name.rsplit(".", 1)[0], name.rsplit(".", 1)[1])
             if target is None:
-                raise AdapterMismatch(_no_target_message(ckpt, adapter, pair))
-            _check_pair_shape(adapter, pair, target)
-            term = LoraTerm(a=Source.of(pair.a), b=Source.of(pair.b), scale=pair.scale, transpose=adapter.fan_in_fan_out, adapter=index)
-            terms.setdefault(target.name, []).append(term)
-            saved = adapter.base_copies.get(pair.module)
-            if saved is not None:
-                sources[target.name] = _check_base_copy(adapter, saved, target)
-    return {name: BaseUpdate(tuple(ts), sources.get(name)) for name, ts in terms.items()}
+                raise AdapterMismatch(
+                    f"{adapter.weights_path}: tensor {saved.name!r} replaces {name!r}, which the base {ckpt.root} does not have"
+                )
+            if target.name in sources:
+                raise AdapterMismatch(
+                    f"{adapter.weights_path}: tensor {saved.name!r} replaces {target.name!r}, which another adapter replaces too"
+                )
+            if saved.shape != target.shape:
+                resizable = target is virtual_head or target is embed or target.name == OUTPUT_EMBEDDING
+                if not (resizable and len(saved.shape) == 2 and saved.shape[1] == target.shape[1]):
+                    raise AdapterMismatch(
+                        f"{adapter.weights_path}: tensor {saved.name!r} has shape {list(saved.shape)} but base tensor {target.name!r} is {list(target.shape)}"
+                    )
+                edits["vocab_size"] = saved.shape[0]  # the vocabulary was resized during training
+            sources[target.name] = saved
+        for pair in adapter.pairs:
+            target = find_base_tensor(view, pair.module)
+            if target is None:
+                raise AdapterMismatch(
+                    f"{adapter.weights_path}: tensor {pair.a.name!r} adapts {pair.module + '.weight'!r}, which the base {ckpt.root} does not have"
+                    f"{_targeting_hint(adapter, pair.module)}"
+                )
+            shape = sources[target.name].shape if target.name in sources else target.shape
+            transpose = pair.embedding or adapter.fan_in_fan_out
+            _check_pair_shape(adapter, pair, target, shape, transpose)
+            terms.setdefault(target.name, []).append(
+                LoraTerm(a=Source.of(pair.a), b=Source.of(pair.b), scale=weight * pair.scale, transpose=transpose, adapter=index)
+            )
+            if pair.magnitude is not None:
+                if transpose:
+                    raise UnsupportedAdapter(
+                        f"{adapter.weights_path}: tensor {pair.magnitude.name!r}: DoRA on a fan_in_fan_out (Conv1D) layer is not supported"
+                    )
+                magnitudes[target.name] = Source.of(pair.magnitude)
+            if pair.bias is not None:
+                bias_name = target.name.removesuffix(".weight") + ".bias"
+                bias = view.tensors.get(bias_name)
+                if bias is None or bias.shape != pair.bias.shape:
+                    raise AdapterMismatch(
+                        f"{adapter.weights_path}: tensor {pair.bias.name!r} (lora_bias) needs a base bias {bias_name!r} of {list(pair.bias.shape)}"
+                    )
+                adds.setdefault(bias_name, []).append(AddTerm(Source.of(pair.bias), weight * pair.scale))
+    for name in magnitudes:
+        if len(terms[name]) > 1:
+            raise UnsupportedAdapter(
+                f"{ckpt.root}: tensor {name!r} has a DoRA adapter and other adapters; DoRA cannot be combined with them"
+            )
+    if combination == "linear":
+        for name, ts in terms.items():
+            if len({t.a.shape[0] for t in ts}) > 1:
+                raise AdapterMismatch(
+                    f"tensor {name!r}: --combination linear needs equal ranks, found {sorted({t.a.shape[0] for t in ts})}; use cat"
+                )
+
+    changed = set(terms) | set(sources) | set(adds)
+    extra: tuple[TensorInfo, ...] = ()
+    notes: list[str] = []
+    heads = {OUTPUT_EMBEDDING, embed.name if embed is not None else ""}
+    if changed & heads and (virtual_head is not None or tied_config):
+        edits["tie_word_embeddings"] = False
+        notes.append("the adapter changes one side of tied input/output embeddings: both are written and the config unties them")
+        if virtual_head is not None:
+            extra = (virtual_head,)
+    names = set(terms) | set(sources) | set(magnitudes) | set(adds)
+    updates = {n: BaseUpdate(tuple(terms.get(n, ())), sources.get(n), magnitudes.get(n), tuple(adds.get(n, ()))) for n in names}
+    return Updates(updates, extra, edits, tuple(notes))
 
 
-def _check_base_copy(adapter: Adapter, saved: TensorInfo, target: TensorInfo) -> TensorInfo:
-    if saved.shape != target.shape:
-        raise AdapterMismatch(
-            f"{adapter.weights_path}: tensor {saved.name!r} has shape {list(saved.shape)} but base tensor {target.name!r} is "
-            f"{list(target.shape)} (vocabulary resized?); resized layers are not supported yet"
-        )
-    # PEFT loads the saved copy into the base model (rounding it to the base's dtype), then merges.
-    return saved
+def _targeting_hint(adapter: Adapter, module: str) -> str:
+    cfg = adapter.config
+    parts = [f"{k}={cfg[k]!r}" for k in ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern") if cfg.get(k)]
+    base = cfg.get("base_model_name_or_path")
+    hint = f" (adapter config: {', '.join(parts)})" if parts else ""
+    return hint + (f"; the adapter was trained on {base!r}" if base else "") + " (different model?)"
 
 
-def _no_target_message(ckpt: Checkpoint, adapter: Adapter, pair: LoraPair) -> str:
-    name = pair.module + ".weight"
-    tied = (ckpt.config or {}).get("tie_word_embeddings")
-    if name.endswith("lm_head.weight") and tied:
-        return f"{adapter.weights_path}: tensor {pair.a.name!r} adapts {name}, which is tied to the input embeddings in this base (tie_word_embeddings); merging into one side of a tied pair is not supported yet"
-    return f"{adapter.weights_path}: tensor {pair.a.name!r} adapts {name!r}, which the base {ckpt.root} does not have (different model?)"
-
-
-def _check_pair_shape(adapter: Adapter, pair: LoraPair, target: TensorInfo) -> None:
+def _check_pair_shape(adapter: Adapter, pair: LoraPair, target: TensorInfo, shape: tuple[int, ...], transpose: bool) -> None:
     where = f"{adapter.weights_path}: tensor {pair.a.name!r} for base tensor {target.name!r}"
     if target.dtype not in FLOAT_DTYPES:
         raise AdapterMismatch(f"{where}: base tensor has dtype {target.dtype}; only F16/BF16/F32/F64 weights can take a LoRA delta")
     out_features, in_features = pair.b.shape[0], pair.a.shape[1]
-    expected = (in_features, out_features) if adapter.fan_in_fan_out else (out_features, in_features)
-    if target.shape != expected:
-        layout = "(in, out) as fan_in_fan_out=true says" if adapter.fan_in_fan_out else "(out, in)"
-        hint = " (the base looks transposed: check fan_in_fan_out)" if target.shape == expected[::-1] else ""
-        raise AdapterMismatch(f"{where}: LoRA gives {layout} = {list(expected)} but the base tensor is {list(target.shape)}{hint}")
+    expected = (in_features, out_features) if transpose else (out_features, in_features)
+    if shape != expected:
+        layout = "(vocab, hidden)" if pair.embedding else "(in, out) as fan_in_fan_out=true says" if transpose else "(out, in)"
+        hint = " (the base looks transposed: check fan_in_fan_out)" if shape == expected[::-1] and not pair.embedding else ""
+        raise AdapterMismatch(f"{where}: LoRA gives {layout} = {list(expected)} but the base tensor is {list(shape)}{hint}")
 
 
 @dataclass(frozen=True)
@@ -679,6 +825,9 @@ class _UnitSpec:
     work_bytes: int
     quant: QuantSpec | None = None
     requant: RequantSpec | None = None
+    magnitude: Source | None = None
+    adds: tuple[AddTerm, ...] = ()
+    combination: str = "cat"
 
     def outputs(self) -> list[OutputTensor]:
         main = OutputTensor(self.name, self.out_dtype, self.shape)
@@ -700,26 +849,29 @@ def _unit_spec(
     tile_bytes: int,
     quantized: Quantized | None = None,
     requant: RequantSpec | None = None,
+    combination: str = "cat",
 ) -> _UnitSpec:
     """One output tensor: keep the base's dtype unless another was asked for; read from the
     adapter's saved copy of the base weight when there is one; dequantize a quantized one."""
     lora = update.terms
-    shape = t.shape
     dtype = t.dtype if out_dtype == "auto" or t.dtype not in FLOAT_DTYPES else out_dtype
     base_dtype = t.dtype
-    quant = None if quantized is None else QuantSpec.of(quantized)
-    if quantized is not None:
+    quant = None if quantized is None or update.source is not None else QuantSpec.of(quantized)
+    if update.source is not None:  # a full tensor from the adapter (possibly resized) replaces the base's
+        t = dataclasses.replace(update.source, name=t.name)
+        source = Source.of(t)
+    elif quantized is not None:
         stored = quantized.packed if isinstance(quantized, Quant4bit) else quantized.weight
         source = Source(file=stored.path, offset=stored.offset, nbytes=stored.nbytes, dtype=stored.dtype, shape=stored.shape)
     else:
-        if update.source is not None:
-            t = dataclasses.replace(update.source, name=t.name)
         source = Source.of(t)
-    op: Op = "merge" if lora else "dequant" if quant else ("copy" if dtype == t.dtype and not requant else "cast")
+    shape = t.shape
+    adds = update.adds
+    op: Op = "merge" if lora or adds else "dequant" if quant else ("copy" if dtype == t.dtype and not requant else "cast")
     s_out = DTYPE_SIZES.get(dtype, 1)  # sub-byte dtypes are only copied
     if requant is not None:
         s_out = 4 + 2  # the merged tile in float32, then bitsandbytes' packed codes and temporaries
-    if op in ("merge", "dequant") or requant is not None:
+    if (op in ("merge", "dequant") or requant is not None) and len(shape) == 2:
         rows, row_elems = shape[0], shape[1]
     else:  # copy/cast do not care about the shape: stream the flat elements
         rows, row_elems = math.prod(shape), 1
@@ -745,7 +897,12 @@ def _unit_spec(
     if requant is not None:  # the main output is the packed codes; the block scales are kept for the unit
         work += math.ceil(math.prod(shape) / requant.blocksize) * 4 * 3
         dtype, out_shape = "U8", (math.ceil(math.prod(shape) / 2), 1)
-    return _UnitSpec(t.name, op, source, lora, dtype, base_dtype, out_shape, rows, row_elems, tile_rows, chunk_rows, work, quant, requant)
+    if update.magnitude is not None or adds:
+        work += rows * 8 * 2 + sum(a.source.nbytes * 3 for a in adds)  # magnitudes / added vectors in float64
+    return _UnitSpec(
+        t.name, op, source, lora, dtype, base_dtype, out_shape, rows, row_elems, tile_rows, chunk_rows, work, quant, requant,
+        update.magnitude, adds, combination if len(lora) > 1 else "cat",
+    )  # fmt: skip
 
 
 def _factor_bytes(term: LoraTerm) -> int:
@@ -791,6 +948,7 @@ def layout_shards(specs: list[_UnitSpec], max_shard_bytes: int, single_name: str
                     name=s.name, op=s.op, source=s.source, lora=s.lora, out_dtype=s.out_dtype, base_dtype=s.base_dtype, shape=s.shape,
                     shard=index, offset=offset, nbytes=tensor_nbytes(s.out_dtype, s.shape), rows=s.rows, row_elems=s.row_elems,
                     tile_rows=s.tile_rows, chunk_rows=s.chunk_rows, work_bytes=s.work_bytes, quant=s.quant, requant=s.requant,
+                    magnitude=s.magnitude, adds=s.adds, combination=s.combination,
                     extra=tuple(OutputSlot(t.name, t.dtype, t.shape, o, tensor_nbytes(t.dtype, t.shape)) for t, o in extra),
                 )
             )  # fmt: skip

@@ -23,18 +23,19 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
-_BASE_COPY_KEY = re.compile(r"^(?P<module>.+)\.base_layer\.weight$")
-"""PEFT saves the targeted layer's own weight as ``<module>.base_layer.weight`` when the layer is an
-input/output embedding (``save_embedding_layers``); loading the adapter puts it back into the base."""
+_EMBEDDING_KEY = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?$")
+_MAGNITUDE_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$")
+_LORA_BIAS_KEY = re.compile(r"^(?P<module>.+)\.lora_B(?:\.(?P<adapter>[^.]+))?\.bias$")
+_REPLACEMENT_KEY = re.compile(r"^(?P<name>.+\.(?:weight|bias))$")
+"""A full tensor saved with the adapter: a ``modules_to_save`` copy, a trained bias (``bias="all"`` /
+``"lora_only"``) or the base weight of a targeted embedding/output layer (``<module>.base_layer.weight``,
+``save_embedding_layers``). Loading the adapter puts it into the model in place of the base's tensor."""
+_WRAPPER_PARTS = re.compile(r"\.(?:base_layer|original_module)(?=\.)|\.modules_to_save(?:\.[^.]+)?(?=\.(?:weight|bias)$)")
 _UNSUPPORTED_KEYS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$"), "a DoRA magnitude vector (use_dora)"),
-    (re.compile(r"\.lora_embedding_[AB](\.[^.]+)?$"), "an embedding LoRA factor (lora_embedding_A/B)"),
-    (re.compile(r"\.lora_B(\.[^.]+)?\.bias$"), "a LoRA bias (lora_bias)"),
-    (re.compile(r"\.modules_to_save\.|^(?!.*\.lora_).*\.(weight|bias)$"), "a full replacement tensor (modules_to_save or a trained bias)"),
     (re.compile(r"trainable_tokens"), "a trainable-tokens delta (trainable_token_indices)"),
+    (re.compile(r"\.lora_[A-Za-z_]+"), "a LoRA variant tensor streammerge does not know"),
 )
 _UNSUPPORTED_CONFIG = (
-    ("use_dora", "DoRA (use_dora)"),
     ("alora_invocation_tokens", "activated LoRA (alora_invocation_tokens), whose effect depends on the input and cannot be merged"),
     ("layer_replication", "layer_replication, which changes the architecture"),
     ("target_parameters", "LoRA on raw parameters (target_parameters)"),
@@ -46,7 +47,8 @@ _UNSUPPORTED_CONFIG = (
 
 @dataclass(frozen=True)
 class LoraPair:
-    """One adapted module: ``W[module.weight] += scale * (B @ A)`` (transposed if fan_in_fan_out)."""
+    """One adapted module: ``W[module.weight] += scale * (B @ A)``, transposed when ``transpose``
+    (embedding LoRA, whose A is (r, vocab) and B (hidden, r); or a fan_in_fan_out base)."""
 
     module: str
     a: TensorInfo
@@ -54,6 +56,11 @@ class LoraPair:
     rank: int
     alpha: float
     scale: float
+    embedding: bool = False
+    magnitude: TensorInfo | None = None
+    """DoRA: the learned magnitude of each output row (``lora_magnitude_vector``)."""
+    bias: TensorInfo | None = None
+    """lora_bias: ``lora_B.bias``, added to the base bias times ``scale``."""
 
 
 @dataclass(frozen=True)
@@ -64,8 +71,9 @@ class Adapter:
     weights_path: str
     config: dict[str, Any]
     pairs: tuple[LoraPair, ...]
-    base_copies: dict[str, TensorInfo]
-    """module -> the base weight PEFT saved with the adapter; it replaces the base's tensor."""
+    replacements: dict[str, TensorInfo]
+    """base tensor name -> a full tensor saved with the adapter that replaces it (modules_to_save,
+    trained biases, the base layer of a targeted embedding)."""
     fan_in_fan_out: bool
     flavours: tuple[str, ...]
     """What kind of LoRA this is, for humans: e.g. ("lora", "rslora", "rank_pattern")."""
@@ -98,7 +106,7 @@ def _check_config(path: str, config: dict[str, Any]) -> tuple[int, float, bool, 
         raise UnsupportedAdapter(f"{path}: peft_type {peft_type!r} is not LoRA; streammerge merges LoRA adapters only")
     for key, what in _UNSUPPORTED_CONFIG:
         if config.get(key) not in (None, False, [], {}, ""):
-            raise UnsupportedAdapter(f"{path}: adapter uses {what}, which streammerge cannot merge yet; refusing rather than dropping it")
+            raise UnsupportedAdapter(f"{path}: adapter uses {what}, which streammerge cannot merge; refusing rather than dropping it")
     r = _config_value(path, config, "r", (int,), 8)
     alpha = _config_value(path, config, "lora_alpha", (int, float), 8)
     if r <= 0:
@@ -149,39 +157,58 @@ def open_adapter(root: str | os.PathLike[str]) -> Adapter:
         raise BadAdapter(str(e)) from e
 
     factors: dict[str, dict[str, TensorInfo]] = {}
-    base_copies: dict[str, TensorInfo] = {}
+    extras: dict[str, dict[str, TensorInfo]] = {}
+    replacements: dict[str, TensorInfo] = {}
     for t in header.tensors:
-        copy = _BASE_COPY_KEY.match(t.name)
-        if copy:
-            base_copies[_strip_prefix(copy["module"])] = t
+        kind, module = _classify_key(weights_path, t.name)
+        if kind == "replacement":
+            name = _WRAPPER_PARTS.sub("", module)
+            if name in replacements:
+                # A modules_to_save copy wins over the wrapped original (PEFT saves both when a
+                # vocabulary was resized); two copies of the same rank are ambiguous.
+                old, new = _replacement_rank(replacements[name].name), _replacement_rank(t.name)
+                if old == new:
+                    raise BadAdapter(f"{weights_path}: tensor {t.name!r} replaces {name!r}, as {replacements[name].name!r} already does")
+                if new < old:
+                    continue
+            if t.dtype not in FLOAT_DTYPES:
+                raise BadAdapter(f"{weights_path}: tensor {t.name!r} has dtype {t.dtype}; expected a float tensor")
+            replacements[name] = t
             continue
-        module, ab = _classify_key(weights_path, t.name)
-        if ab in factors.setdefault(module, {}):
-            raise BadAdapter(
-                f"{weights_path}: tensor {t.name!r}: module {module!r} has two lora_{ab} tensors (several adapter names in one file?)"
-            )
-        factors[module][ab] = t
-    if not factors:
-        raise BadAdapter(f"{weights_path}: holds no LoRA tensors (lora_A/lora_B)")
-
-    pairs = [_make_pair(weights_path, module, ab, r, alpha, rslora, ranks, alphas) for module, ab in factors.items()]
-    for module, t in base_copies.items():
+        slot = factors if kind in ("A", "B", "eA", "eB") else extras
+        if kind in slot.setdefault(module, {}):
+            raise BadAdapter(f"{weights_path}: tensor {t.name!r}: module {module!r} has it twice (several adapter names in one file?)")
+        slot[module][kind] = t
+    if not factors and not replacements:
+        raise BadAdapter(f"{weights_path}: holds no LoRA tensors (lora_A/lora_B) and no saved modules")
+    for module, found in extras.items():
         if module not in factors:
-            raise UnsupportedAdapter(
-                f"{weights_path}: tensor {t.name!r} replaces a base weight that no LoRA adapts; refusing rather than guessing"
-            )
-        if t.dtype not in FLOAT_DTYPES:
-            raise BadAdapter(f"{weights_path}: tensor {t.name!r} has dtype {t.dtype}; expected a float weight")
+            t = next(iter(found.values()))
+            raise BadAdapter(f"{weights_path}: tensor {t.name!r} belongs to module {module!r}, which has no lora_A/lora_B")
+
+    pairs = [
+        _make_pair(weights_path, module, ab, extras.get(module, {}), r, alpha, rslora, ranks, alphas) for module, ab in factors.items()
+    ]
     flavours = ["rslora" if rslora else "lora"]
     flavours += [name for name, used in (("rank_pattern", ranks), ("alpha_pattern", alphas), ("fan_in_fan_out", fifo)) if used]
-    if base_copies:
-        flavours.append("saved base layers")
+    flavours += [
+        name
+        for name, used in (
+            ("dora", any(p.magnitude is not None for p in pairs)),
+            ("embedding lora", any(p.embedding for p in pairs)),
+            ("lora_bias", any(p.bias is not None for p in pairs)),
+            ("modules_to_save", any(".base_layer." not in t.name and t.name.endswith(".weight") for t in replacements.values())),
+            ("saved base layers", any(".base_layer.weight" in t.name for t in replacements.values())),
+            ("trained biases", any(t.name.endswith(".bias") for t in replacements.values())),
+        )
+        if used
+    ]
     return Adapter(
         root=root,
         weights_path=weights_path,
         config=config,
         pairs=tuple(pairs),
-        base_copies=base_copies,
+        replacements=replacements,
         fan_in_fan_out=fifo,
         flavours=tuple(flavours),
     )
@@ -191,31 +218,57 @@ def _strip_prefix(module: str) -> str:
     return module[len(PEFT_PREFIX) :] if module.startswith(PEFT_PREFIX) else module
 
 
+def _replacement_rank(key: str) -> int:
+    """Which saved copy of a module's tensor the merged model gets: the trained one first."""
+    if ".modules_to_save." in key:
+        return 2
+    if ".original_module." in key or ".base_layer." in key:
+        return 0
+    return 1
+
+
 def _classify_key(path: str, key: str) -> tuple[str, str]:
-    m = _LORA_KEY.match(key)
-    if m:
-        return _strip_prefix(m["module"]), m["ab"]
+    """(kind, module or tensor name) of an adapter key: A/B, eA/eB (embedding), magnitude, bias, replacement."""
+    for pattern, prefix in ((_LORA_KEY, ""), (_EMBEDDING_KEY, "e")):
+        m = pattern.match(key)
+        if m:
+            return prefix + m["ab"], _strip_prefix(m["module"])
+    for pattern, kind in ((_MAGNITUDE_KEY, "magnitude"), (_LORA_BIAS_KEY, "bias")):
+        m = pattern.match(key)
+        if m:
+            return kind, _strip_prefix(m["module"])
     for pattern, what in _UNSUPPORTED_KEYS:
         if pattern.search(key):
-            raise UnsupportedAdapter(
-                f"{path}: tensor {key!r} is {what}, which streammerge cannot merge yet; refusing rather than dropping it"
-            )
-    raise UnsupportedAdapter(f"{path}: tensor {key!r} is not a LoRA factor streammerge knows; refusing rather than dropping it")
+            raise UnsupportedAdapter(f"{path}: tensor {key!r} is {what}, which streammerge cannot merge; refusing rather than dropping it")
+    if _REPLACEMENT_KEY.match(key):
+        return "replacement", _strip_prefix(key)
+    raise UnsupportedAdapter(
+        f"{path}: tensor {key!r} is not a LoRA factor or a saved module streammerge knows; refusing rather than dropping it"
+    )
 
 
 def _make_pair(
-    path: str, module: str, ab: dict[str, TensorInfo], r: int, alpha: float, rslora: bool, ranks: dict[str, int], alphas: dict[str, float]
+    path: str,
+    module: str,
+    ab: dict[str, TensorInfo],
+    extra: dict[str, TensorInfo],
+    r: int,
+    alpha: float,
+    rslora: bool,
+    ranks: dict[str, int],
+    alphas: dict[str, float],
 ) -> LoraPair:
-    if "A" not in ab or "B" not in ab:
-        have, missing = ("A", "B") if "A" in ab else ("B", "A")
-        raise BadAdapter(f"{path}: tensor {ab[have].name!r} has no matching lora_{missing}")
-    a, b = ab["A"], ab["B"]
+    embedding = "eA" in ab or "eB" in ab
+    a, b = (ab.get("eA"), ab.get("eB")) if embedding else (ab.get("A"), ab.get("B"))
+    if a is None or b is None or len(ab) != 2:
+        t = next(iter(ab.values()))
+        raise BadAdapter(f"{path}: tensor {t.name!r} has no matching partner (lora_A with lora_B, lora_embedding_A with lora_embedding_B)")
     for t in (a, b):
         if t.dtype not in FLOAT_DTYPES:
             raise BadAdapter(f"{path}: tensor {t.name!r} has dtype {t.dtype}; LoRA factors must be F16, BF16, F32 or F64")
         if len(t.shape) != 2:
             raise UnsupportedAdapter(
-                f"{path}: tensor {t.name!r} has shape {list(t.shape)}; only LoRA on linear layers (2-D factors) is supported"
+                f"{path}: tensor {t.name!r} has shape {list(t.shape)}; only LoRA on linear and embedding layers (2-D factors) is supported"
             )
     if a.shape[0] != b.shape[1]:
         raise BadAdapter(f"{path}: tensor {a.name!r} has rank {a.shape[0]} but {b.name!r} has rank {b.shape[1]}")
@@ -226,4 +279,15 @@ def _make_pair(
     if a.shape[0] != rank:
         raise BadAdapter(f"{path}: tensor {a.name!r} has rank {a.shape[0]} but adapter_config.json gives r={rank} for {module!r}")
     scale = lora_alpha / math.sqrt(rank) if rslora else lora_alpha / rank
-    return LoraPair(module=module, a=a, b=b, rank=rank, alpha=lora_alpha, scale=scale)
+    magnitude, bias = extra.get("magnitude"), extra.get("bias")
+    out_features = b.shape[0]
+    for vec, what in ((magnitude, "DoRA magnitude"), (bias, "LoRA bias")):
+        if vec is not None and (vec.shape != (out_features,) or vec.dtype not in FLOAT_DTYPES):
+            raise BadAdapter(
+                f"{path}: tensor {vec.name!r} ({what}) is {vec.dtype} {list(vec.shape)}, expected a float vector of {out_features}"
+            )
+    if magnitude is not None and embedding:
+        raise UnsupportedAdapter(
+            f"{path}: tensor {magnitude.name!r}: DoRA on an embedding layer is not supported; refusing rather than dropping it"
+        )
+    return LoraPair(module=module, a=a, b=b, rank=rank, alpha=lora_alpha, scale=scale, embedding=embedding, magnitude=magnitude, bias=bias)
