@@ -31,11 +31,12 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 
-def run(plan: Plan, *, progress: Progress | bool | None = None, device: str | None = None) -> Report:
+def run(plan: Plan, *, progress: Progress | bool | None = None, device: str | None = None, resume: bool = False) -> Report:
     """Execute a plan and return its :class:`~streammerge.execute.Report` (timings, bytes, peak RSS).
 
     ``progress=True`` draws the CLI's progress bar on stderr; a callable gets
-    ``(bytes_done, bytes_total, tensor_name)`` after every tile. See
+    ``(bytes_done, bytes_total, tensor_name)`` after every tile. ``resume=True`` continues an
+    interrupted run of the same plan from its ``OUT.partial`` journal. See
     :func:`streammerge.execute.run`. torch is imported here, not at ``import streammerge``, so
     planning stays fast and light.
     """
@@ -50,10 +51,10 @@ def run(plan: Plan, *, progress: Progress | bool | None = None, device: str | No
 
         bar = ProgressBar()
         try:
-            return _run(plan, progress=bar, device=device, readahead=readahead)
+            return _run(plan, progress=bar, device=device, readahead=readahead, resume=resume)
         finally:
             bar.close()
-    return _run(plan, progress=progress or None, device=device, readahead=readahead)
+    return _run(plan, progress=progress or None, device=device, readahead=readahead, resume=resume)
 
 
 __all__ = [

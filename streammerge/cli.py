@@ -61,6 +61,9 @@ _combination_option = click.option(
     help="cat: W + sum_i w_i s_i B_i A_i (exact, any ranks; PEFT's 'cat'); linear: PEFT's 'linear' "
     "(weighted sums of the A's and of the B's, equal ranks, cross terms included).",
 )
+_resume_option = click.option(
+    "--resume", is_flag=True, help="Continue an interrupted run of the same command from OUT.partial (only unfinished tensors are redone)."
+)
 _quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 _out_option = click.option("-o", "--out", required=True, type=click.Path(), help="Output folder (written atomically; must not exist).")
 _overwrite_option = click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
@@ -80,7 +83,7 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             if ctx.meta.get("streammerge.debug"):
                 raise
-            click.echo("streammerge: interrupted; no output was left behind", err=True)
+            click.echo("streammerge: interrupted; finished work (if any) is kept in OUT.partial: rerun with --resume to continue", err=True)
             ctx.exit(EXIT_INTERRUPTED)
 
 
@@ -175,13 +178,15 @@ def _echo_table(rows: list[tuple[str, str]]) -> None:
         click.echo(f"{k:<{width}}  {v}")
 
 
-def _execute(p: Plan, quiet: bool, device: str | None) -> None:
+def _execute(p: Plan, quiet: bool, device: str | None, resume: bool = False) -> None:
     from streammerge import run
     from streammerge.execute import Report
 
     for note in p.notes:  # said once, before the work, whatever --quiet says
         click.echo(f"streammerge: note: {note}", err=True)
-    report: Report = run(p, progress=not quiet, device=device)
+    report: Report = run(p, progress=not quiet, device=device, resume=resume)
+    for note in report.notes[len(p.notes) :]:
+        click.echo(f"streammerge: note: {note}", err=True)
     if not quiet:
         rate = report.bytes_written / max(report.seconds, 1e-9)
         units = ", ".join(f"{n} {op}" for op, n in sorted(report.units.items()))
@@ -204,6 +209,7 @@ def _execute(p: Plan, quiet: bool, device: str | None) -> None:
 @_weights_option
 @_combination_option
 @_overwrite_option
+@_resume_option
 @_quiet_option
 def merge(
     base: str,
@@ -217,6 +223,7 @@ def merge(
     weights: str | None,
     combination: str,
     overwrite: bool,
+    resume: bool,
     quiet: bool,
 ) -> None:
     """Merge the LoRA ADAPTERS into the model in BASE and write a standalone model to OUT.
@@ -229,7 +236,12 @@ def merge(
     Several adapters: streammerge merge BASE A1 A2 -o OUT --weights 0.7,0.3 gives
     W + sum_i w_i s_i B_i @ A_i (one read and one write of the base, whatever their number).
     """
-    _execute(_make_plan(base, adapters, out, dtype, max_shard_size, tile_size, device, overwrite, mode, weights, combination), quiet, None)
+    _execute(
+        _make_plan(base, adapters, out, dtype, max_shard_size, tile_size, device, overwrite, mode, weights, combination),
+        quiet,
+        None,
+        resume,
+    )
 
 
 @cli.command("plan")
@@ -282,10 +294,11 @@ def plan_cmd(
 @cli.command("run")
 @click.argument("plan_file", type=click.Path())
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Override the plan's device.")
+@_resume_option
 @_quiet_option
-def run_cmd(plan_file: str, device: str | None, quiet: bool) -> None:
+def run_cmd(plan_file: str, device: str | None, resume: bool, quiet: bool) -> None:
     """Execute a plan saved by `streammerge plan --save`. Inputs must be unchanged since."""
-    _execute(Plan.load(plan_file), quiet, device)
+    _execute(Plan.load(plan_file), quiet, device, resume)
 
 
 @cli.command()

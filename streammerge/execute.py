@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from streammerge.errors import BadCheckpoint, StreamMergeError
+from streammerge.errors import BadCheckpoint, OutputError, StreamMergeError
 from streammerge.kernels import (
     ACCUMULATE,
     TORCH_DTYPES,
@@ -243,7 +243,7 @@ def _run_unit(unit: WorkUnit, files: SourceFiles, out: WriteQueue, work: Workspa
     src = unit.source
     if unit.op == "copy":
         fd, _ = files.get(src.file)
-        out.copy(unit.shard, unit.offset, fd, src.offset, src.nbytes)
+        out.copy(unit.shard, unit.offset, unit.name, fd, src.offset, src.nbytes)
         advance(src.nbytes)
         return
     out_dtype = TORCH_DTYPES[unit.out_dtype]
@@ -279,7 +279,7 @@ def _run_unit(unit: WorkUnit, files: SourceFiles, out: WriteQueue, work: Workspa
             packed = requant.tile(result, first)
             buffer = out.acquire()
             torch.frombuffer(buffer, dtype=torch.uint8, count=packed.numel()).copy_(packed)
-            out.write(unit.shard, unit.offset + first // 2, buffer, packed.numel())
+            out.write(unit.shard, unit.offset + first // 2, unit.name, buffer, packed.numel())
             written = packed.numel()
         else:
             buffer = out.acquire()
@@ -289,7 +289,7 @@ def _run_unit(unit: WorkUnit, files: SourceFiles, out: WriteQueue, work: Workspa
             if not on_cpu:
                 host.copy_(result)
             del host
-            out.write(unit.shard, unit.offset + first * out_size, buffer, count * out_size)
+            out.write(unit.shard, unit.offset + first * out_size, unit.name, buffer, count * out_size)
             written = count * out_size
         del tile, result
         if dequant is None:
@@ -301,7 +301,7 @@ def _run_unit(unit: WorkUnit, files: SourceFiles, out: WriteQueue, work: Workspa
             slot = slots[name]
             if len(data) != slot.nbytes:
                 raise AssertionError(f"{name}: {len(data)} bytes, planned {slot.nbytes}")
-            out.write_now(unit.shard, slot.offset, data)
+            out.write_bytes(unit.shard, slot.offset, name, data)
 
 
 def _compute(
@@ -338,12 +338,16 @@ def _peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def run(plan: Plan, *, progress: Progress | None = None, device: str | None = None, readahead: Readahead | None = None) -> Report:
+def run(
+    plan: Plan, *, progress: Progress | None = None, device: str | None = None, readahead: Readahead | None = None, resume: bool = False
+) -> Report:
     """Execute ``plan``: write the merged model to ``plan.out``, atomically.
 
     The output appears only when complete; on any error (or Ctrl-C) the partial folder is removed
     and the error re-raised. ``device`` overrides the plan's device ("auto", "cpu", "cuda").
     ``readahead`` is a started :class:`~streammerge.readahead.Readahead` (one is made if not).
+    With ``resume``, an ``OUT.partial`` left by an interrupted run of the same plan is continued:
+    only the units its journal does not list are redone.
 
     Example::
 
@@ -370,7 +374,7 @@ def run(plan: Plan, *, progress: Progress | None = None, device: str | None = No
     ahead = readahead or Readahead(plan)
     ahead.advance(0)
     consumed = 0
-    writer = Writer(plan)
+    writer = Writer(plan, resume=resume)
     files = SourceFiles()
     work = Workspace(dev)
     threads = torch.get_num_threads()
@@ -381,20 +385,29 @@ def run(plan: Plan, *, progress: Progress | None = None, device: str | None = No
     try:
         writer.open()
         queue = WriteQueue(writer, plan.write_buffers, out_tile_bytes(plan.units))
+        resumed = len(writer.done)
         with torch.inference_mode():
-            for unit in plan.units:
+            for index, unit in enumerate(plan.units):
                 current = unit.name
-                _run_unit(unit, files, queue, work, advance)
+                if index in writer.done:  # finished by the interrupted run this one resumes
+                    advance(unit.nbytes + sum(x.nbytes for x in unit.extra))
+                else:
+                    _run_unit(unit, files, queue, work, advance)
+                    queue.commit(unit, index)
                 consumed += unit.source.nbytes + sum(t.a.nbytes + t.b.nbytes for t in unit.lora)
                 ahead.advance(consumed)
         queue.close()
         files.close()
         writer.finish()
-    except BaseException:
+    except BaseException as e:
         if queue is not None:
             queue.cancel()
         files.close()
-        writer.abort()
+        kept = writer.abort()
+        if kept and isinstance(e, (StreamMergeError, OSError)):
+            raise OutputError(
+                f"{e}; the finished part is kept in {writer.partial}: run the same command with --resume to continue, or remove it"
+            ) from e
         raise
     finally:
         torch.set_num_threads(threads)
@@ -406,5 +419,5 @@ def run(plan: Plan, *, progress: Progress | None = None, device: str | None = No
         bytes_written=sum(s.size for s in plan.shards),
         units=dict(Counter(u.op for u in plan.units)),
         peak_rss_bytes=_peak_rss_bytes(),
-        notes=plan.notes,
+        notes=plan.notes + ((f"resumed: {resumed} of {len(plan.units)} units were already done",) if resumed else ()),
     )

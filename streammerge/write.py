@@ -1,8 +1,13 @@
-"""The writer: output shards at the plan's offsets, then index, config and tokenizer files.
+"""The writer: output shards at the plan's offsets, a resume journal, then index, config, manifest.
 
 A small state machine (new -> open -> finished | aborted) over a layout fixed by the plan. All
 files go to ``OUT.partial`` beside the output; only a complete, fsynced folder is renamed to
 ``OUT``. Nothing here decides a size or an offset: it writes what the plan says where it says.
+
+Crash safety: ``OUT.partial/.streammerge-plan.json`` records the plan, and
+``OUT.partial/.streammerge-journal`` gets one line per finished unit (its tensors' CRC-32), written
+only after that unit's bytes are fsynced. A resumed run checks the plan is the same and redoes
+only the units the journal does not list, so its output is byte-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -15,14 +20,21 @@ import os
 import queue
 import shutil
 import threading
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from typing import Any
 
-from streammerge.errors import OutputError
+from streammerge.errors import OutputError, PlanMismatch
 from streammerge.formats.checkpoint import CONFIG_NAME, INDEX_NAME
-from streammerge.plan import COPY_FALLBACK_BYTES, Plan, shard_header_bytes
+from streammerge.plan import COPY_FALLBACK_BYTES, Plan, WorkUnit, shard_header_bytes
 
 _NO_COPY_FILE_RANGE = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM, errno.EBADF})
+PLAN_FILE = ".streammerge-plan.json"
+JOURNAL_FILE = ".streammerge-journal"
+MANIFEST_FILE = "streammerge-manifest.json"
+"""Written into the output: every tensor's CRC-32 and every file's size, for ``streammerge verify``."""
+STOP_AFTER_ENV = "STREAMMERGE_TEST_STOP_AFTER_UNITS"
+"""Test hook: the process dies (as if killed) right after this many units are journaled."""
 
 
 class WriterState(enum.Enum):
@@ -41,18 +53,49 @@ def _dump_json(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
-class Writer:
-    """Writes one plan's output. Use ``open()``, then ``write``/``copy_range``, then ``finish()``.
+def _plan_identity(plan: Plan) -> str:
+    """The plan as JSON, without the options that do not change the output bytes."""
+    obj = json.loads(plan.to_json())
+    for key in ("overwrite", "device", "estimate"):
+        obj.pop(key, None)
+    return json.dumps(obj, sort_keys=True)
 
-    Any failure should be followed by ``abort()``, which removes the partial folder.
+
+def read_journal(path: str) -> dict[int, dict[str, int]]:
+    """Finished units (index -> tensor CRC-32s) of a journal; a torn last line is ignored."""
+    done: dict[int, dict[str, int]] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if not line.endswith("\n"):
+                    break  # the process died while writing this line: the unit is not done
+                entry = json.loads(line)
+                done[int(entry["unit"])] = {str(k): int(v) for k, v in entry["crc"].items()}
+    except FileNotFoundError:
+        pass
+    except (ValueError, KeyError, TypeError) as e:
+        raise PlanMismatch(f"{path}: resume journal is damaged ({e}); remove the .partial folder and start again") from e
+    return done
+
+
+class Writer:
+    """Writes one plan's output. Use ``open()``, then ``write``/``copy_range``/``commit``, then ``finish()``.
+
+    Any failure should be followed by ``abort()``, which keeps the partial folder (and its
+    journal) for ``--resume`` when some work is done, and removes it otherwise.
     """
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, resume: bool = False) -> None:
         self.plan = plan
+        self.resume = resume
         self.partial = partial_path(plan.out)
         self.state = WriterState.NEW
         self._fds: list[int] = []
+        self._journal: int | None = None
+        self.done: dict[int, dict[str, int]] = {}
+        """Units finished by this or an earlier (resumed) run, with their tensors' CRC-32."""
         self.copy_file_range_ok = hasattr(os, "copy_file_range")
+        self.stop_after = int(os.environ.get(STOP_AFTER_ENV, "0") or 0)
 
     def _expect(self, state: WriterState) -> None:
         if self.state is not state:
@@ -63,14 +106,18 @@ class Writer:
         return OutputError(f"{path}: cannot write{hint}: {e.strerror or e}")
 
     def open(self) -> None:
-        """Create ``OUT.partial``, reserve every shard at its final size and write the headers."""
+        """Create ``OUT.partial`` (or reopen it to resume), reserve every shard and write the headers."""
         self._expect(WriterState.NEW)
+        if self.resume and os.path.isdir(self.partial):
+            self._reopen()
+            return
         if os.path.lexists(self.partial):
             if not self.plan.overwrite:
-                raise OutputError(f"{self.partial}: left by an earlier failed run; remove it or pass --overwrite")
+                raise OutputError(f"{self.partial}: left by an earlier run; pass --resume to continue it or --overwrite to start over")
             _remove(self.partial)
         try:
             os.makedirs(self.partial)
+            _write_file(os.path.join(self.partial, PLAN_FILE), _plan_identity(self.plan).encode("utf-8"))
         except OSError as e:
             raise self._error(self.partial, e) from e
         self.state = WriterState.OPEN
@@ -83,6 +130,47 @@ class Writer:
                 self._pwrite_all(fd, shard_header_bytes(shard), 0)
             except OSError as e:
                 raise self._error(path, e) from e
+        self._open_journal()
+
+    def _reopen(self) -> None:
+        try:
+            with open(os.path.join(self.partial, PLAN_FILE), encoding="utf-8") as f:
+                saved = f.read()
+        except OSError as e:
+            raise PlanMismatch(f"{self.partial}: cannot resume, no readable {PLAN_FILE} ({e.strerror or e}); remove the folder") from e
+        if saved != _plan_identity(self.plan):
+            raise PlanMismatch(
+                f"{self.partial}: was started with other inputs or options (a file changed, or different --dtype/--mode/...); "
+                "resume with the same command, or remove it / pass --overwrite to start over"
+            )
+        self.done = read_journal(os.path.join(self.partial, JOURNAL_FILE))
+        self.state = WriterState.OPEN
+        for shard in self.plan.shards:
+            path = os.path.join(self.partial, shard.file)
+            try:
+                fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+                self._fds.append(fd)
+                if os.fstat(fd).st_size != shard.size:
+                    raise PlanMismatch(f"{path}: has {os.fstat(fd).st_size} bytes, the plan says {shard.size}; remove {self.partial}")
+                self._pwrite_all(fd, shard_header_bytes(shard), 0)
+            except OSError as e:
+                raise self._error(path, e) from e
+        self._open_journal()
+
+    def _open_journal(self) -> None:
+        path = os.path.join(self.partial, JOURNAL_FILE)
+        try:
+            self._journal = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0), 0o644)
+            # drop a torn last line so the next entry starts on its own line
+            size = os.fstat(self._journal).st_size
+            if size:
+                with open(path, "rb") as f:
+                    data = f.read()
+                keep = data.rfind(b"\n") + 1
+                if keep != size:
+                    os.truncate(path, keep)
+        except OSError as e:
+            raise self._error(path, e) from e
 
     def _pwrite_all(self, fd: int, data: memoryview | bytes, offset: int) -> None:
         view = memoryview(data)
@@ -125,10 +213,37 @@ class Writer:
             done += n
         return True
 
+    def crc_of(self, shard: int, offset: int, nbytes: int) -> int:
+        """CRC-32 of bytes already written (for tensors the kernel copied without us seeing them)."""
+        path = os.path.join(self.partial, self.plan.shards[shard].file)
+        crc = 0
+        with open(path, "rb") as f:
+            for start in range(0, nbytes, COPY_FALLBACK_BYTES):
+                crc = zlib.crc32(os.pread(f.fileno(), min(COPY_FALLBACK_BYTES, nbytes - start), offset + start), crc)
+        return crc
+
+    def commit(self, index: int, crcs: dict[str, int]) -> None:
+        """Record unit ``index`` as finished: its shard's data is fsynced first, then the journal line."""
+        self._expect(WriterState.OPEN)
+        assert self._journal is not None
+        unit = self.plan.units[index]
+        line = json.dumps({"unit": index, "name": unit.name, "crc": crcs}, separators=(",", ":")) + "\n"
+        try:
+            os.fdatasync(self._fds[unit.shard])
+            os.write(self._journal, line.encode("utf-8"))
+            os.fdatasync(self._journal)
+        except OSError as e:
+            raise self._error(os.path.join(self.partial, JOURNAL_FILE), e) from e
+        self.done[index] = crcs
+        if self.stop_after and len(self.done) >= self.stop_after:
+            os._exit(137)  # test hook: die here, as a SIGKILL would
+
     def finish(self) -> None:
-        """Flush shards, write index/config/tokenizer files, then move the folder into place."""
+        """Flush shards, write index/config/tokenizer files and the manifest, then move the folder into place."""
         self._expect(WriterState.OPEN)
         plan = self.plan
+        if len(self.done) != len(plan.units):
+            raise AssertionError(f"finish with {len(plan.units) - len(self.done)} units not done")
         try:
             for fd in self._fds:
                 os.fsync(fd)
@@ -139,11 +254,27 @@ class Writer:
                 _write_file(os.path.join(self.partial, CONFIG_NAME), _dump_json(plan.config))
             if len(plan.shards) > 1:
                 _write_file(os.path.join(self.partial, INDEX_NAME), _dump_json(plan.index()))
+            _write_file(os.path.join(self.partial, MANIFEST_FILE), _dump_json(self.manifest()))
+            for name in (JOURNAL_FILE, PLAN_FILE):
+                os.remove(os.path.join(self.partial, name))
             _fsync_dir(self.partial)
             self._move_into_place()
         except OSError as e:
             raise self._error(getattr(e, "filename", None) or self.partial, e) from e
         self.state = WriterState.FINISHED
+
+    def manifest(self) -> dict[str, Any]:
+        """What ``streammerge verify`` checks: files with sizes, every tensor's shard, offset, size and CRC-32."""
+        crcs = {name: crc for unit_crcs in self.done.values() for name, crc in unit_crcs.items()}
+        tensors = {}
+        for u in self.plan.units:
+            for name, offset, nbytes in ((u.name, u.offset, u.nbytes), *((x.name, x.offset, x.nbytes) for x in u.extra)):
+                tensors[name] = {"file": self.plan.shards[u.shard].file, "offset": offset, "bytes": nbytes, "crc32": crcs[name]}
+        return {
+            "format": "streammerge-manifest/1",
+            "files": {s.file: s.size for s in self.plan.shards},
+            "tensors": tensors,
+        }
 
     def _move_into_place(self) -> None:
         out = self.plan.out
@@ -160,17 +291,22 @@ class Writer:
 
     def _close(self) -> None:
         fds, self._fds = self._fds, []
+        if self._journal is not None:
+            fds.append(self._journal)
+            self._journal = None
         for fd in fds:
             os.close(fd)
 
-    def abort(self) -> None:
-        """Close everything and remove the partial folder; safe to call in any state."""
+    def abort(self) -> bool:
+        """Close everything; keep the partial folder when units are journaled (returns True), else remove it."""
         if self.state in (WriterState.FINISHED, WriterState.ABORTED):
-            return
+            return False
         self._close()
-        if self.state is WriterState.OPEN:
+        kept = self.state is WriterState.OPEN and bool(self.done)
+        if self.state is WriterState.OPEN and not kept:
             _remove(self.partial)
         self.state = WriterState.ABORTED
+        return kept
 
 
 def _reserve(fd: int, size: int) -> None:
@@ -210,17 +346,31 @@ def _remove(path: str) -> None:
 class _Write:
     shard: int
     offset: int
-    buffer: bytearray
+    tensor: str
+    data: bytearray | bytes
     nbytes: int
+    pooled: bool
 
 
 @dataclass(frozen=True)
 class _Copy:
     shard: int
     offset: int
+    tensor: str
     src_fd: int
     src_offset: int
     nbytes: int
+
+
+@dataclass(frozen=True)
+class _Commit:
+    unit: int
+    tensors: tuple[str, ...]
+
+
+@dataclass
+class _Crcs:
+    by_tensor: dict[str, int] = field(default_factory=dict)
 
 
 class WriteQueue:
@@ -229,8 +379,9 @@ class WriteQueue:
     Output tiles live in a fixed pool of ``buffers`` bytearrays of ``buffer_bytes`` each: the
     executor takes a free one with :meth:`acquire`, fills it and hands it to :meth:`write`; the
     thread writes it and puts it back. At most ``buffers`` tiles exist at once, so memory stays
-    bounded however fast the merge runs. An error in the thread is raised in the caller at the
-    next call.
+    bounded however fast the merge runs. Jobs run in order, so each tensor's CRC-32 is computed
+    over its bytes in order, and :meth:`commit` journals a unit after all its writes. An error in
+    the thread is raised in the caller at the next call.
     """
 
     def __init__(self, writer: Writer, buffers: int, buffer_bytes: int) -> None:
@@ -238,9 +389,10 @@ class WriteQueue:
         self.buffer_bytes = buffer_bytes
         self._free: queue.Queue[bytearray] = queue.Queue()
         self._unmade = buffers if buffer_bytes else 0
-        self._jobs: queue.Queue[_Write | _Copy | None] = queue.Queue()
+        self._jobs: queue.Queue[_Write | _Copy | _Commit | None] = queue.Queue()
         self._error: BaseException | None = None
         self._stop = False
+        self._crcs = _Crcs()
         self._thread = threading.Thread(target=self._work, name="streammerge-writer", daemon=True)
         self._thread.start()
 
@@ -260,20 +412,25 @@ class WriteQueue:
             except queue.Empty:
                 self._check()
 
-    def write(self, shard: int, offset: int, buffer: bytearray, nbytes: int) -> None:
-        """Queue the first ``nbytes`` of ``buffer`` for writing at ``offset`` of ``shard``."""
+    def write(self, shard: int, offset: int, tensor: str, buffer: bytearray, nbytes: int) -> None:
+        """Queue the first ``nbytes`` of a pool ``buffer`` for writing at ``offset`` of ``shard``."""
         self._check()
-        self._jobs.put(_Write(shard, offset, buffer, nbytes))
+        self._jobs.put(_Write(shard, offset, tensor, buffer, nbytes, pooled=True))
 
-    def write_now(self, shard: int, offset: int, data: bytes) -> None:
-        """Write small data at once from the calling thread (positioned writes do not collide)."""
+    def write_bytes(self, shard: int, offset: int, tensor: str, data: bytes) -> None:
+        """Queue small data that is not a pool buffer (a re-quantized weight's statistics)."""
         self._check()
-        self.writer.write(shard, offset, data)
+        self._jobs.put(_Write(shard, offset, tensor, data, len(data), pooled=False))
 
-    def copy(self, shard: int, offset: int, src_fd: int, src_offset: int, nbytes: int) -> None:
+    def copy(self, shard: int, offset: int, tensor: str, src_fd: int, src_offset: int, nbytes: int) -> None:
         """Queue a file-to-file copy of an untouched tensor."""
         self._check()
-        self._jobs.put(_Copy(shard, offset, src_fd, src_offset, nbytes))
+        self._jobs.put(_Copy(shard, offset, tensor, src_fd, src_offset, nbytes))
+
+    def commit(self, unit: WorkUnit, index: int) -> None:
+        """Queue the journal entry of unit ``index``, after all its writes."""
+        self._check()
+        self._jobs.put(_Commit(index, (unit.name, *(x.name for x in unit.extra))))
 
     def _work(self) -> None:
         while True:
@@ -285,21 +442,27 @@ class WriteQueue:
                     self._do(job)
                 except BaseException as e:
                     self._error = e
-            if isinstance(job, _Write):
-                self._free.put(job.buffer)
+            if isinstance(job, _Write) and job.pooled:
+                assert isinstance(job.data, bytearray)
+                self._free.put(job.data)
 
-    def _do(self, job: _Write | _Copy) -> None:
+    def _do(self, job: _Write | _Copy | _Commit) -> None:
+        crcs = self._crcs.by_tensor
+        if isinstance(job, _Commit):
+            self.writer.commit(job.unit, {name: crcs.pop(name, 0) for name in job.tensors})
+            return
         if isinstance(job, _Write):
-            with memoryview(job.buffer)[: job.nbytes] as view:
+            with memoryview(job.data)[: job.nbytes] as view:
                 self.writer.write(job.shard, job.offset, view)
+                crcs[job.tensor] = zlib.crc32(view, crcs.get(job.tensor, 0))
             return
-        if self.writer.copy_range(job.shard, job.offset, job.src_fd, job.src_offset, job.nbytes):
-            return
-        for start in range(0, job.nbytes, COPY_FALLBACK_BYTES):
-            data = os.pread(job.src_fd, min(COPY_FALLBACK_BYTES, job.nbytes - start), job.src_offset + start)
-            if not data:
-                raise OutputError(f"{self.writer.plan.shards[job.shard].file}: source ended early while copying")
-            self.writer.write(job.shard, job.offset + start, data)
+        if not self.writer.copy_range(job.shard, job.offset, job.src_fd, job.src_offset, job.nbytes):
+            for start in range(0, job.nbytes, COPY_FALLBACK_BYTES):
+                data = os.pread(job.src_fd, min(COPY_FALLBACK_BYTES, job.nbytes - start), job.src_offset + start)
+                if not data:
+                    raise OutputError(f"{self.writer.plan.shards[job.shard].file}: source ended early while copying")
+                self.writer.write(job.shard, job.offset + start, data)
+        crcs[job.tensor] = self.writer.crc_of(job.shard, job.offset, job.nbytes)
 
     def close(self) -> None:
         """Wait for every queued job; raise the first error any of them hit."""

@@ -22,15 +22,18 @@ def test_writer_puts_bytes_at_planned_offsets_and_finishes_atomically(llama_base
         w.write(0, 0, b"x")
     w.open()
     assert os.path.isdir(partial_path(p.out)) and not os.path.exists(p.out)
-    for u in p.units:  # a recognisable pattern per tensor instead of merged values
+    with pytest.raises(AssertionError, match="not done"):
+        w.finish()
+    for i, u in enumerate(p.units):  # a recognisable pattern per tensor instead of merged values
         w.write(u.shard, u.offset, bytes([len(u.name) % 251]) * u.nbytes)
+        w.commit(i, {u.name: 0})
     w.finish()
     assert w.state is WriterState.FINISHED and not os.path.exists(partial_path(p.out))
     tensors = load_folder(Path(p.out))  # the safetensors library accepts every shard
     for u in p.units:
         assert tensors[u.name].reshape(-1).view(torch.uint8).unique().tolist() in ([len(u.name) % 251], [])
     assert sorted(os.listdir(p.out)) == sorted(
-        [s.file for s in p.shards] + ["config.json", "generation_config.json", "model.safetensors.index.json"]
+        [s.file for s in p.shards] + ["config.json", "generation_config.json", "model.safetensors.index.json", "streammerge-manifest.json"]
     )
 
 
@@ -59,12 +62,16 @@ def test_failed_run_leaves_nothing_that_looks_complete(
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(execute, "merge_rows", failing)
-    with pytest.raises(OSError):
+    with pytest.raises(
+        OutputError, match=r"No space left on device; the finished part is kept in .*out.partial: run the same command with --resume"
+    ):
         streammerge.run(p)
-    assert sorted(os.listdir(tmp_path)) == []
+    assert sorted(os.listdir(tmp_path)) == ["out.partial"]  # clearly named, never mistaken for the output
+    streammerge.run(p, resume=True)  # the fault is gone: resume finishes the job
+    assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
-def test_disk_full_while_writing_is_a_clear_error(
+def test_disk_full_while_writing_is_a_clear_error_and_resumable(
     llama_base: Path, llama_lora: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     p = streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "out")
@@ -73,14 +80,18 @@ def test_disk_full_while_writing_is_a_clear_error(
 
     def pwrite(fd: int, data: object, offset: int) -> int:
         state["n"] += 1
-        if state["n"] > 3:
+        if state["n"] > 12:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, data, offset)  # type: ignore[arg-type]
 
     monkeypatch.setattr(os, "pwrite", pwrite)
-    with pytest.raises(OutputError, match=r"model.safetensors: cannot write \(disk full\)"):
+    with pytest.raises(OutputError, match=r"model.safetensors: cannot write \(disk full\).*--resume"):
         streammerge.run(p)
-    assert not os.path.exists(p.out) and not os.path.exists(partial_path(p.out))
+    assert not os.path.exists(p.out) and os.path.isdir(partial_path(p.out))
+    monkeypatch.undo()  # space freed
+    streammerge.run(p, resume=True)
+    fresh = streammerge.run(streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "fresh"))
+    assert (Path(p.out) / "model.safetensors").read_bytes() == (Path(fresh.out) / "model.safetensors").read_bytes()
 
 
 def test_copy_fallback_without_copy_file_range(llama_base: Path, llama_lora: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
