@@ -9,8 +9,19 @@ a rank-16 LoRA adapter on every linear layer (q, k, v, o, gate, up, down) with n
 * ``peft``        -- ``AutoModelForCausalLM.from_pretrained`` + ``PeftModel.from_pretrained``
   + ``merge_and_unload()`` + ``save_pretrained(max_shard_size="5GB")``.
 
-They run in that order (copy, streammerge, peft), ``--repeat`` times each; the table shows
-medians. Peak RSS is the child's ``ru_maxrss`` as returned by ``os.wait4`` for that one child,
+With ``--quant nf4`` the base is a *pre-quantized* bitsandbytes 4-bit checkpoint of the same
+model (NF4, double quant, compute dtype bf16), built once from the bf16 one by transformers on
+CPU and cached next to it; the adapter is the same. Then:
+
+* ``copy``        -- copies the 4-bit base's bytes: the floor for *reading* the input;
+* ``copy-bf16``   -- copies the bf16 base's bytes, the size of the 16-bit output: the floor
+  for *writing* it;
+* ``streammerge`` -- the same command on the 4-bit base (output bf16, its default there);
+* ``peft``        -- ``from_pretrained(4-bit, device_map="cpu")`` + ``model.dequantize()``
+  + ``PeftModel.from_pretrained`` + ``merge_and_unload()`` + ``save_pretrained``.
+
+They run in that order (copy, copy-bf16, streammerge, peft), ``--repeat`` times each; the
+table shows medians. Peak RSS is the child's ``ru_maxrss`` as returned by ``os.wait4`` for that one child,
 so measurements never leak into each other. Before every measurement the script runs
 ``sync`` and, when ``/proc/sys/vm/drop_caches`` is writable (root), drops the page cache
 ("cold"); otherwise the cache is warm and the report says so. "sync s" is the time the
@@ -22,10 +33,12 @@ Usage (from the repository root)::
     .venv/bin/python bench/bench_merge.py --size 0.1b
     .venv/bin/python bench/bench_merge.py --size 1b --repeat 3 --workdir /tmp/smb --keep
     .venv/bin/python bench/bench_merge.py --size 3b --only copy,streammerge --json out.json
+    .venv/bin/python bench/bench_merge.py --size 1b --quant nf4 --workdir /tmp/smb --keep
 
 Without ``--workdir`` a temporary folder under /tmp is used and removed at the end unless
 ``--keep``. With ``--workdir`` only what this script creates inside it is removed (again
-unless ``--keep``); a model/adapter already built there for the same ``--size`` is reused.
+unless ``--keep``); a model/adapter (and 4-bit base) already built there for the same ``--size``
+is reused, so a ``--quant nf4`` run in the work folder of a bf16 run only builds the 4-bit base.
 When both the streammerge and the PEFT outputs exist, a few merged tensors are compared.
 """
 
@@ -48,7 +61,10 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-METHODS = ("copy", "streammerge", "peft")
+METHODS = ("copy", "copy-bf16", "streammerge", "peft")
+QUANTS = ("none", "nf4")
+#: Methods that only make sense with a quantized base (with --quant none the base *is* bf16).
+QUANT_ONLY = ("copy-bf16",)
 TARGET_MODULES = (
     "q_proj",
     "k_proj",
@@ -112,6 +128,7 @@ class MethodResult:
     method: str
     runs: list[Measurement] = field(default_factory=list)
     error: str | None = None
+    out_mb: float | None = None  # size of the output's *.safetensors after the last run
 
     @property
     def ok(self) -> bool:
@@ -163,13 +180,42 @@ def child_build(size: str, base_dir: Path, adapter_dir: Path) -> None:
     peft_model.save_pretrained(adapter_dir)
 
 
-def child_peft(base_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
-    """The transformers + PEFT reference merge."""
+def child_quantize(src_dir: Path, dst_dir: Path) -> None:
+    """Save a pre-quantized bitsandbytes NF4 (double quant) checkpoint of the bf16 model in ``src_dir``.
+
+    This is what ``load_in_4bit`` + ``save_pretrained`` writes for a QLoRA base: every decoder ``nn.Linear``
+    becomes packed uint8 codes + absmax statistics + a quant-state JSON; embeddings, norms and lm_head stay bf16.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    qc = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(src_dir, quantization_config=qc, device_map="cpu", dtype=torch.bfloat16)
+    print(f"loaded + quantized in {time.perf_counter() - start:.1f} s", flush=True)
+    start = time.perf_counter()
+    model.save_pretrained(dst_dir, max_shard_size="2GB")
+    print(f"saved in {time.perf_counter() - start:.1f} s", flush=True)
+
+
+def child_peft(quant: str, base_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
+    """The transformers + PEFT reference merge (for a 4-bit base: dequantize to bf16 first)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
+    if quant == "none":
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base_dir, device_map="cpu")
+        # No dtype: config.dtype (bf16). A string dtype crashes in transformers 5.24 ("Invalid device string").
+        model = model.dequantize()
+        print(f"dequantized to {model.dtype}", flush=True)
     model = PeftModel.from_pretrained(model, adapter_dir)
     merged = model.merge_and_unload()
     merged.save_pretrained(out_dir, max_shard_size="5GB")
@@ -187,8 +233,10 @@ def run_child(argv: list[str]) -> None:
     kind, paths = argv[0], [Path(a) for a in argv[2:]]
     if kind == "build":
         child_build(argv[1], paths[0], paths[1])
+    elif kind == "quantize":
+        child_quantize(Path(argv[1]), *paths)
     elif kind == "peft":
-        child_peft(Path(argv[1]), *paths)
+        child_peft(argv[1], *paths)
     elif kind == "copy":
         child_copy(Path(argv[1]), *paths)
     else:
@@ -211,11 +259,24 @@ def self_cmd(python: str, *args: str) -> list[str]:
     return [python, str(Path(__file__).resolve()), "_child", *args]
 
 
-def method_cmd(method: str, python: str, base: Path, adapter: Path, out: Path) -> list[str]:
+@dataclass
+class Inputs:
+    """What the methods read: the merge base (bf16, or 4-bit with --quant nf4), the bf16 base, the adapter."""
+
+    quant: str
+    base: Path
+    bf16_base: Path
+    adapter: Path
+
+
+def method_cmd(method: str, python: str, inputs: Inputs, out: Path) -> list[str]:
+    base, adapter = inputs.base, inputs.adapter
     if method == "copy":
         return self_cmd(python, "copy", str(base), str(out))
+    if method == "copy-bf16":
+        return self_cmd(python, "copy", str(inputs.bf16_base), str(out))
     if method == "peft":
-        return self_cmd(python, "peft", str(base), str(adapter), str(out))
+        return self_cmd(python, "peft", inputs.quant, str(base), str(adapter), str(out))
     return [
         python,
         "-m",
@@ -267,10 +328,39 @@ def dir_size_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20
 
 
+def safetensors_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20
+
+
 # --------------------------------------------------------------------------- building
 
 
-def ensure_model(size: str, model_dir: Path, python: str) -> tuple[Path, Path]:
+def read_stamp(stamp: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
+    """The stamp's contents when it records a completed build of ``spec`` (extra keys such as timings allowed)."""
+    if not stamp.exists():
+        return None
+    data: dict[str, Any] = json.loads(stamp.read_text())
+    return data if {k: data.get(k) for k in spec} == spec else None
+
+
+def run_build(what: str, cmd: list[str], log: Path) -> Measurement:
+    """Run one build child (timed, with its peak RSS); on failure raise with the log's tail."""
+    run = measure(cmd, log)
+    if run.returncode != 0:
+        raise RuntimeError(f"building {what} failed (exit code {run.returncode}); log tail:\n{log_tail(log, 30)}")
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith(("built ", "loaded ", "saved ")):
+            print(f"  {line}")
+    return run
+
+
+def reused(what: str, where: Path, stamp: dict[str, Any]) -> dict[str, Any]:
+    took = f" (built earlier in {stamp['build_s']:.1f} s)" if "build_s" in stamp else ""
+    print(f"reusing {what} in {where}{took}")
+    return {**stamp, "reused": True}
+
+
+def ensure_model(size: str, model_dir: Path, python: str) -> tuple[Path, Path, dict[str, Any]]:
     """Build base + adapter into ``model_dir`` unless a completed build is already there."""
     base, adapter, stamp = (
         model_dir / "base",
@@ -278,22 +368,34 @@ def ensure_model(size: str, model_dir: Path, python: str) -> tuple[Path, Path]:
         model_dir / "built.json",
     )
     spec = {"size": size, "shape": SIZES[size], "rank": LORA_RANK, "seed": SEED}
-    if stamp.exists() and json.loads(stamp.read_text()) == spec:
-        print(f"reusing model and adapter in {model_dir}")
-        return base, adapter
+    if (done := read_stamp(stamp, spec)) is not None:
+        return base, adapter, reused("model and adapter", model_dir, done)
     shutil.rmtree(model_dir, ignore_errors=True)
     model_dir.mkdir(parents=True)
     print(f"building {size} model and adapter in {model_dir} ...", flush=True)
-    start = time.perf_counter()
-    subprocess.run(
-        self_cmd(python, "build", size, str(base), str(adapter)),
-        check=True,
-        env=child_env(),
-        cwd=REPO_ROOT,
+    run = run_build("the model", self_cmd(python, "build", size, str(base), str(adapter)), model_dir / "build.log")
+    info = {**spec, "build_s": run.wall_s, "build_peak_rss_mb": run.peak_rss_mb}
+    stamp.write_text(json.dumps(info))
+    print(
+        f"built in {run.wall_s:.1f} s, peak RSS {run.peak_rss_mb:.0f} MB "
+        f"(base {dir_size_mb(base):.0f} MB, adapter {dir_size_mb(adapter):.1f} MB)"
     )
-    stamp.write_text(json.dumps(spec))
-    print(f"built in {time.perf_counter() - start:.1f} s (base {dir_size_mb(base):.0f} MB, adapter {dir_size_mb(adapter):.1f} MB)")
-    return base, adapter
+    return base, adapter, {**info, "reused": False}
+
+
+def ensure_quantized(size: str, quant: str, model_dir: Path, bf16_base: Path, python: str) -> tuple[Path, dict[str, Any]]:
+    """Build the pre-quantized ``quant`` base from ``bf16_base`` into ``model_dir`` unless already there."""
+    qbase, stamp = model_dir / f"base-{quant}", model_dir / f"built-{quant}.json"
+    spec = {"size": size, "quant": quant, "double_quant": True, "compute_dtype": "bfloat16", "seed": SEED}
+    if (done := read_stamp(stamp, spec)) is not None:
+        return qbase, reused(f"{quant} base", qbase, done)
+    shutil.rmtree(qbase, ignore_errors=True)
+    print(f"quantizing the {size} base to {quant} (transformers + bitsandbytes, CPU) into {qbase} ...", flush=True)
+    run = run_build(f"the {quant} base", self_cmd(python, "quantize", str(bf16_base), str(qbase)), model_dir / f"build-{quant}.log")
+    info = {**spec, "build_s": run.wall_s, "build_peak_rss_mb": run.peak_rss_mb}
+    stamp.write_text(json.dumps(info))
+    print(f"quantized in {run.wall_s:.1f} s, peak RSS {run.peak_rss_mb:.0f} MB ({quant} base {dir_size_mb(qbase):.0f} MB)")
+    return qbase, {**info, "reused": False}
 
 
 # --------------------------------------------------------------------------- benchmark
@@ -302,8 +404,7 @@ def ensure_model(size: str, model_dir: Path, python: str) -> tuple[Path, Path]:
 def bench_method(
     method: str,
     args: argparse.Namespace,
-    base: Path,
-    adapter: Path,
+    inputs: Inputs,
     workdir: Path,
     cold: bool,
 ) -> MethodResult:
@@ -313,7 +414,7 @@ def bench_method(
         shutil.rmtree(out, ignore_errors=True)
         prepare_cache(cold)
         log = workdir / f"{method}-{i}.log"
-        run = measure(method_cmd(method, args.python, base, adapter, out), log)
+        run = measure(method_cmd(method, args.python, inputs, out), log)
         print(
             f"  {method} run {i + 1}/{args.repeat}: wall {run.wall_s:.2f} s, "
             f"sync {run.sync_s:.2f} s, peak RSS {run.peak_rss_mb:.0f} MB, rc {run.returncode}",
@@ -324,13 +425,20 @@ def bench_method(
             print(result.error)
             return result
         result.runs.append(run)
+    result.out_mb = safetensors_mb(out)
     return result
 
 
 def verify(base: Path, sm_out: Path, peft_out: Path) -> dict[str, Any]:
-    """Compare a few merged tensors of the two outputs (and check the merge changed them)."""
+    """Compare a few merged tensors of the two outputs (and check the merge changed them).
+
+    "changed vs base" compares with the base tensor; a 4-bit base weight is first dequantized with
+    bitsandbytes (``QuantState.from_dict`` + ``dequantize_4bit``, CPU) to the dtype its quant state records.
+    """
     import torch
     from safetensors import safe_open
+
+    quant_state = ".quant_state.bitsandbytes__"
 
     def index(folder: Path) -> dict[str, Path]:
         names: dict[str, Path] = {}
@@ -342,6 +450,15 @@ def verify(base: Path, sm_out: Path, peft_out: Path) -> dict[str, Any]:
     def load(where: dict[str, Path], name: str) -> torch.Tensor:
         with safe_open(where[name], framework="pt") as f:
             return f.get_tensor(name)
+
+    def load_base(where: dict[str, Path], name: str) -> torch.Tensor:
+        stats = {k: load(where, k) for k in where if k.startswith(name + ".")}
+        if not any(quant_state in k for k in stats):
+            return load(where, name)
+        import bitsandbytes.functional as bnbf
+
+        state = bnbf.QuantState.from_dict({k[len(name) + 1 :]: v for k, v in stats.items()}, device=torch.device("cpu"))
+        return bnbf.dequantize_4bit(load(where, name), state)
 
     sm, pe, bs = index(sm_out), index(peft_out), index(base)
     layers = sorted({int(k.split(".")[2]) for k in pe if k.startswith("model.layers.")})
@@ -355,7 +472,7 @@ def verify(base: Path, sm_out: Path, peft_out: Path) -> dict[str, Any]:
         if name not in sm or name not in pe:
             rows.append({"tensor": name, "error": "missing in one output"})
             continue
-        a, b, orig = load(sm, name), load(pe, name), load(bs, name)
+        a, b, orig = load(sm, name), load(pe, name), load_base(bs, name)
         same = a.shape == b.shape
         rows.append(
             {
@@ -364,7 +481,8 @@ def verify(base: Path, sm_out: Path, peft_out: Path) -> dict[str, Any]:
                 "frac_identical": (a.float() == b.float()).float().mean().item() if same else None,
                 "n_differ": int((a.float() != b.float()).sum().item()) if same else None,
                 "numel": a.numel(),
-                "frac_changed_vs_base": (b != orig).float().mean().item(),
+                "frac_changed_vs_base": (b != orig).float().mean().item() if b.shape == orig.shape else None,
+                "base_quantized": any(k.startswith(name + quant_state) for k in bs),
                 "dtypes": f"{a.dtype} / {b.dtype}".replace("torch.", ""),
                 "shape": list(a.shape),
             }
@@ -383,7 +501,7 @@ def machine_info() -> dict[str, Any]:
             break
     mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal:"))
     versions = {}
-    for pkg in ("torch", "transformers", "peft", "safetensors"):
+    for pkg in ("torch", "transformers", "peft", "safetensors", "bitsandbytes"):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -403,60 +521,92 @@ def ratio(num: float | None, den: float | None) -> str:
     return f"{num / den:.2f}" if num is not None and den else "n/a"
 
 
+def method_label(method: str, quant: str) -> str:
+    if quant == "none":
+        return method
+    return {
+        "copy": f"copy ({quant} base: read floor)",
+        "copy-bf16": "copy-bf16 (bf16 base = output size: write floor)",
+        "streammerge": f"streammerge ({quant} -> bf16)",
+        "peft": "peft (dequantize + merge)",
+    }[method]
+
+
 def render(
     results: dict[str, MethodResult],
     info: dict[str, Any],
     cold: bool,
     command: str,
-    size: str,
+    args: argparse.Namespace,
     base_mb: float,
-    repeat: int,
+    bf16_mb: float,
+    builds: dict[str, dict[str, Any]],
 ) -> str:
     def med(method: str, attr: str) -> float | None:
         res = results.get(method)
         return res.median(attr) if res and res.ok else None
 
     cache = "dropped before each run (cold)" if cold else "NOT dropped (warm)"
+    if args.quant == "none":
+        title = f"## streammerge benchmark: {args.size} ({base_mb:.0f} MB of base safetensors)"
+    else:
+        title = (
+            f"## streammerge benchmark: {args.size}, bitsandbytes {args.quant.upper()} base "
+            f"({base_mb:.0f} MB of 4-bit base safetensors; the bf16 output is {bf16_mb:.0f} MB)"
+        )
     lines = [
-        f"## streammerge benchmark: {size} ({base_mb:.0f} MB of base safetensors)",
+        title,
         "",
         f"`{command}`",
         "",
-        f"Median of {repeat} run(s); page cache {cache}.",
+        f"Median of {args.repeat} run(s); page cache {cache}.",
         "",
-        "| method | wall s | sync s | wall+sync s | peak RSS MB |",
-        "|---|---:|---:|---:|---:|",
+        "| method | wall s | sync s | wall+sync s | peak RSS MB | out MB |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for method in METHODS:
         res = results.get(method)
         if res is None:
             continue
+        label = method_label(method, args.quant)
         if not res.ok:
-            lines.append(f"| {method} | failed | | | |")
+            lines.append(f"| {label} | failed | | | | |")
             continue
+        out = f"{res.out_mb:.0f}" if res.out_mb is not None else ""
         lines.append(
-            f"| {method} | {res.median('wall_s'):.2f} | {res.median('sync_s'):.2f} "
-            f"| {res.median('total_s'):.2f} | {res.median('peak_rss_mb'):.0f} |"
+            f"| {label} | {res.median('wall_s'):.2f} | {res.median('sync_s'):.2f} "
+            f"| {res.median('total_s'):.2f} | {res.median('peak_rss_mb'):.0f} | {out} |"
         )
-    sm_t, pe_t, cp_t = (med(m, "wall_s") for m in ("streammerge", "peft", "copy"))
-    sm_f, pe_f, cp_f = (med(m, "total_s") for m in ("streammerge", "peft", "copy"))
+    sm_t, pe_t, cp_t, cw_t = (med(m, "wall_s") for m in ("streammerge", "peft", "copy", "copy-bf16"))
+    sm_f, pe_f, cp_f, cw_f = (med(m, "total_s") for m in ("streammerge", "peft", "copy", "copy-bf16"))
     sm_r, pe_r = med("streammerge", "peak_rss_mb"), med("peft", "peak_rss_mb")
     machine = (
         f"Machine: {info['cpu']}, {info['cores']} cores ({info['usable_cores']} usable), "
         f"{info['ram_gb']} GB RAM; Python {info['python']}, torch {info['torch']}, "
         f"transformers {info['transformers']}, peft {info['peft']}, "
-        f"safetensors {info['safetensors']}."
+        f"safetensors {info['safetensors']}" + (f", bitsandbytes {info['bitsandbytes']}" if args.quant != "none" else "") + "."
     )
+    copy_name = "copy time" if args.quant == "none" else "copy time (read floor)"
     lines += [
         "",
         "| ratio | on wall s | on wall+sync s |",
         "|---|---:|---:|",
         f"| PEFT time / streammerge time | {ratio(pe_t, sm_t)} | {ratio(pe_f, sm_f)} |",
-        f"| streammerge time / copy time | {ratio(sm_t, cp_t)} | {ratio(sm_f, cp_f)} |",
-        f"| streammerge RSS / PEFT RSS | {ratio(sm_r, pe_r)} | |",
-        "",
-        machine,
+        f"| streammerge time / {copy_name} | {ratio(sm_t, cp_t)} | {ratio(sm_f, cp_f)} |",
     ]
+    if args.quant != "none":
+        lines.append(f"| streammerge time / copy-bf16 time (write floor) | {ratio(sm_t, cw_t)} | {ratio(sm_f, cw_f)} |")
+    lines += [f"| streammerge RSS / PEFT RSS | {ratio(sm_r, pe_r)} | |", ""]
+    parts = []
+    for what, build in builds.items():
+        name = "bf16 model + adapter" if what == "model" else f"{what} quantization (transformers, CPU)"
+        if "build_s" not in build:
+            parts.append(f"{name} reused (no timing recorded)")
+            continue
+        when = " (earlier run, reused)" if build.get("reused") else ""
+        rss = f", peak RSS {build['build_peak_rss_mb']:.0f} MB" if "build_peak_rss_mb" in build else ""
+        parts.append(f"{name} {build['build_s']:.1f} s{rss}{when}")
+    lines += [f"Builds: {'; '.join(parts)}.", "", machine]
     return "\n".join(lines)
 
 
@@ -476,11 +626,18 @@ def render_verify(check: dict[str, Any]) -> str:
         elif row["max_abs_diff"] is None:
             lines.append(f"| {row['tensor']} | {row['dtypes']} | shape mismatch | | | |")
         else:
+            changed = "n/a" if row["frac_changed_vs_base"] is None else f"{row['frac_changed_vs_base']:.2%}"
             lines.append(
                 f"| {row['tensor']} | {row['dtypes']} | {row['max_abs_diff']:.3g} | "
                 f"{row['frac_identical']:.4%} | {row['n_differ']} of {row['numel']} | "
-                f"{row['frac_changed_vs_base']:.2%} |"
+                f"{changed}{' (vs dequantized)' if row.get('base_quantized') else ''} |"
             )
+    if any(row.get("base_quantized") for row in check["tensors"]):
+        lines += [
+            "",
+            "For 4-bit base weights, 'changed vs base' compares PEFT's output with the base weight dequantized by "
+            "bitsandbytes (`dequantize_4bit`, CPU) to the dtype its quant state records.",
+        ]
     return "\n".join(lines)
 
 
@@ -498,23 +655,29 @@ def result_json(result: MethodResult) -> dict[str, Any]:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=sorted(SIZES), default="0.1b")
+    p.add_argument(
+        "--quant",
+        choices=QUANTS,
+        default="none",
+        help="base format: none = the bf16 model; nf4 = a pre-quantized bitsandbytes 4-bit (NF4, double quant) checkpoint of it",
+    )
     p.add_argument("--workdir", type=Path, help="work folder (default: a temp dir under /tmp)")
     p.add_argument("--keep", action="store_true", help="keep the built model and outputs")
     p.add_argument("--repeat", type=int, default=1, help="runs per method; median is reported")
     p.add_argument(
         "--only",
-        default=",".join(METHODS),
-        help=f"comma-separated subset of {','.join(METHODS)}",
+        help=f"comma-separated subset of {','.join(METHODS)} (default: all; {','.join(QUANT_ONLY)} needs --quant other than none)",
     )
     p.add_argument("--json", type=Path, help="write the raw numbers here")
     p.add_argument("--warm", action="store_true", help="never drop the page cache")
     p.add_argument("--no-verify", action="store_true", help="skip the output comparison")
     p.add_argument("--python", default=sys.executable, help="interpreter for the children")
     args = p.parse_args(argv)
-    args.methods = [m.strip() for m in args.only.split(",") if m.strip()]
-    unknown = set(args.methods) - set(METHODS)
+    allowed = [m for m in METHODS if args.quant != "none" or m not in QUANT_ONLY]
+    args.methods = allowed if args.only is None else [m.strip() for m in args.only.split(",") if m.strip()]
+    unknown = set(args.methods) - set(allowed)
     if unknown or not args.methods:
-        p.error(f"--only: unknown or empty method list {sorted(unknown)}; choose from {METHODS}")
+        p.error(f"--only: unknown or empty method list {sorted(unknown)}; choose from {tuple(allowed)} with --quant {args.quant}")
     if args.repeat < 1:
         p.error("--repeat must be >= 1")
     return args
@@ -540,19 +703,25 @@ def main(argv: list[str]) -> int:
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        base, adapter = ensure_model(args.size, workdir / f"model-{args.size}", args.python)
+        model_dir = workdir / f"model-{args.size}"
+        base, adapter, build = ensure_model(args.size, model_dir, args.python)
+        builds = {"model": build}
+        inputs = Inputs(args.quant, base, base, adapter)
+        if args.quant != "none":
+            qbase, builds[args.quant] = ensure_quantized(args.size, args.quant, model_dir, base, args.python)
+            inputs = Inputs(args.quant, qbase, base, adapter)
         cold = not args.warm and can_drop_caches()
         results: dict[str, MethodResult] = {}
         for method in (m for m in METHODS if m in args.methods):
             print(f"running {method} ...", flush=True)
-            results[method] = bench_method(method, args, base, adapter, workdir, cold)
+            results[method] = bench_method(method, args, inputs, workdir, cold)
         info = machine_info()
-        base_mb = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 2**20
+        base_mb, bf16_mb = safetensors_mb(inputs.base), safetensors_mb(base)
         print()
-        print(render(results, info, cold, command, args.size, base_mb, args.repeat))
+        print(render(results, info, cold, command, args, base_mb, bf16_mb, builds))
         check = None
         if not args.no_verify and all(results.get(m) and results[m].ok for m in ("streammerge", "peft")):
-            check = verify(base, workdir / "out-streammerge", workdir / "out-peft")
+            check = verify(inputs.base, workdir / "out-streammerge", workdir / "out-peft")
             print(render_verify(check))
         if args.json:
             args.json.write_text(
@@ -560,7 +729,10 @@ def main(argv: list[str]) -> int:
                     {
                         "command": command,
                         "size": args.size,
+                        "quant": args.quant,
                         "base_mb": base_mb,
+                        "bf16_base_mb": bf16_mb,
+                        "builds": builds,
                         "cold_cache": cold,
                         "repeat": args.repeat,
                         "machine": info,

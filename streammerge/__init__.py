@@ -31,7 +31,9 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 
-def run(plan: Plan, *, progress: Progress | bool | None = None, device: str | None = None, resume: bool = False) -> Report:
+def run(
+    plan: Plan, *, progress: Progress | bool | None = None, device: str | None = None, resume: bool = False, vram_budget: int | None = None
+) -> Report:
     """Execute a plan and return its :class:`~streammerge.execute.Report` (timings, bytes, peak RSS).
 
     ``progress=True`` draws the CLI's progress bar on stderr; a callable gets
@@ -51,10 +53,10 @@ def run(plan: Plan, *, progress: Progress | bool | None = None, device: str | No
 
         bar = ProgressBar()
         try:
-            return _run(plan, progress=bar, device=device, readahead=readahead, resume=resume)
+            return _run(plan, progress=bar, device=device, readahead=readahead, resume=resume, vram_budget=vram_budget)
         finally:
             bar.close()
-    return _run(plan, progress=progress or None, device=device, readahead=readahead, resume=resume)
+    return _run(plan, progress=progress or None, device=device, readahead=readahead, resume=resume, vram_budget=vram_budget)
 
 
 __all__ = [

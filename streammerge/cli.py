@@ -17,7 +17,7 @@ import click
 from streammerge.errors import StreamMergeError
 from streammerge.plan import DEFAULT_TILE_BYTES, MODES, Plan
 from streammerge.plan import plan as make_plan
-from streammerge.units import format_bytes
+from streammerge.units import format_bytes, parse_size
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -60,6 +60,12 @@ _combination_option = click.option(
     show_default=True,
     help="cat: W + sum_i w_i s_i B_i A_i (exact, any ranks; PEFT's 'cat'); linear: PEFT's 'linear' "
     "(weighted sums of the A's and of the B's, equal ranks, cross terms included).",
+)
+_max_ram_option = click.option(
+    "--max-ram", default=None, help="RAM budget, e.g. 1GiB: tiles shrink until the plan's peak estimate fits (refused if impossible)."
+)
+_vram_option = click.option(
+    "--vram-budget", default=None, help="GPU memory budget, e.g. 8GiB (default: 80% of what is free when the run starts)."
 )
 _resume_option = click.option(
     "--resume", is_flag=True, help="Continue an interrupted run of the same command from OUT.partial (only unfinished tensors are redone)."
@@ -133,6 +139,8 @@ def _make_plan(
     mode: str,
     weights: str | None = None,
     combination: str = "cat",
+    max_ram: str | None = None,
+    vram_budget: str | None = None,
 ) -> Plan:
     return make_plan(
         base,
@@ -146,6 +154,8 @@ def _make_plan(
         mode=mode,
         weights=_parse_weights(weights),
         combination=combination,
+        max_ram=max_ram,
+        vram_budget=vram_budget,
     )
 
 
@@ -178,13 +188,14 @@ def _echo_table(rows: list[tuple[str, str]]) -> None:
         click.echo(f"{k:<{width}}  {v}")
 
 
-def _execute(p: Plan, quiet: bool, device: str | None, resume: bool = False) -> None:
+def _execute(p: Plan, quiet: bool, device: str | None, resume: bool = False, vram_budget: str | None = None) -> None:
     from streammerge import run
     from streammerge.execute import Report
 
     for note in p.notes:  # said once, before the work, whatever --quiet says
         click.echo(f"streammerge: note: {note}", err=True)
-    report: Report = run(p, progress=not quiet, device=device, resume=resume)
+    budget = None if vram_budget is None else parse_size(vram_budget, "VRAM budget")
+    report: Report = run(p, progress=not quiet, device=device, resume=resume, vram_budget=budget)
     for note in report.notes[len(p.notes) :]:
         click.echo(f"streammerge: note: {note}", err=True)
     if not quiet:
@@ -208,6 +219,8 @@ def _execute(p: Plan, quiet: bool, device: str | None, resume: bool = False) -> 
 @_mode_option
 @_weights_option
 @_combination_option
+@_max_ram_option
+@_vram_option
 @_overwrite_option
 @_resume_option
 @_quiet_option
@@ -222,6 +235,8 @@ def merge(
     mode: str,
     weights: str | None,
     combination: str,
+    max_ram: str | None,
+    vram_budget: str | None,
     overwrite: bool,
     resume: bool,
     quiet: bool,
@@ -255,6 +270,8 @@ def merge(
 @_mode_option
 @_weights_option
 @_combination_option
+@_max_ram_option
+@_vram_option
 @_overwrite_option
 @click.option("--json", "as_json", is_flag=True, help="Print the whole plan, with its estimate, as JSON.")
 @click.option("--save", type=click.Path(), help="Save the plan as JSON here; run it later with `streammerge run`.")
@@ -269,6 +286,8 @@ def plan_cmd(
     mode: str,
     weights: str | None,
     combination: str,
+    max_ram: str | None,
+    vram_budget: str | None,
     overwrite: bool,
     as_json: bool,
     save: str | None,
@@ -280,7 +299,9 @@ def plan_cmd(
       streammerge plan ./Llama-3.1-70B ./my-lora -o ./merged --save plan.json
       streammerge run plan.json
     """
-    p = _make_plan(base, adapters, out, dtype, max_shard_size, tile_size, device, overwrite, mode, weights, combination)
+    p = _make_plan(
+        base, adapters, out, dtype, max_shard_size, tile_size, device, overwrite, mode, weights, combination, max_ram, vram_budget
+    )
     if save:
         p.save(save)
     if as_json:

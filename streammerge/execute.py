@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from streammerge.errors import BadCheckpoint, OutputError, StreamMergeError
+from streammerge import preflight
+from streammerge.errors import BadCheckpoint, BudgetTooSmall, OutputError, StreamMergeError
 from streammerge.kernels import (
     ACCUMULATE,
     TORCH_DTYPES,
@@ -53,6 +54,9 @@ from streammerge.write import WriteQueue, Writer
 
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 """Linux 5.14+: fault a whole range in with one call."""
+
+VRAM_FRACTION = 0.8
+"""Without --vram-budget, a run may use this fraction of the GPU memory free when it starts."""
 
 Progress = Callable[[int, int, str], None]
 """progress(bytes_done, bytes_total, tensor_name), called after every tile."""
@@ -339,7 +343,13 @@ def _peak_rss_bytes() -> int:
 
 
 def run(
-    plan: Plan, *, progress: Progress | None = None, device: str | None = None, readahead: Readahead | None = None, resume: bool = False
+    plan: Plan,
+    *,
+    progress: Progress | None = None,
+    device: str | None = None,
+    readahead: Readahead | None = None,
+    resume: bool = False,
+    vram_budget: int | None = None,
 ) -> Report:
     """Execute ``plan``: write the merged model to ``plan.out``, atomically.
 
@@ -358,9 +368,17 @@ def run(
     start = time.perf_counter()
     check_inputs_unchanged(plan)
     check_output(plan.out, [plan.base, *plan.adapters], plan.overwrite)
+    preflight.check(plan)
     dev = resolve_device(device or plan.device)
     if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 accumulation, as on the CPU
+        torch.backends.cuda.matmul.allow_tf32 = False  # no TF32 shortcuts: the CPU's exact arithmetic
+        free, _ = torch.cuda.mem_get_info()
+        budget = vram_budget if vram_budget is not None else int(free * VRAM_FRACTION)
+        if plan.estimate.peak_device_bytes > budget:
+            raise BudgetTooSmall(
+                f"{plan.out}: the merge needs {plan.estimate.peak_device_bytes} bytes of GPU memory, the budget is {budget} "
+                f"({free} free); plan with --vram-budget (smaller tiles) or use --device cpu"
+            )
     total = sum(u.nbytes for u in plan.units)
     done = 0
 

@@ -17,7 +17,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from streammerge.errors import AdapterMismatch, BadCheckpoint, OutputError, PlanMismatch, StreamMergeError, UnsupportedAdapter
+from streammerge.errors import (
+    AdapterMismatch,
+    BadCheckpoint,
+    BudgetTooSmall,
+    OutputError,
+    PlanMismatch,
+    StreamMergeError,
+    UnsupportedAdapter,
+)
 from streammerge.formats.bnb import Quant4bit, Quant8bit, Quantized, find_quantized
 from streammerge.formats.checkpoint import (
     CONFIG_NAME,
@@ -35,6 +43,7 @@ from streammerge.units import parse_dtype, parse_size
 PLAN_VERSION = 1
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 DEFAULT_TILE_BYTES = 64 * 2**20
+MIN_TILE_BYTES = 64 * 2**10
 ACC_CHUNK_BYTES = 4 * 2**20
 """float64 accumulator rows merged at once: small enough to stay in a CPU's L2/L3 cache."""
 WRITE_BUFFERS = 3
@@ -379,6 +388,8 @@ def plan(
     mode: str = "merged_16bit",
     weights: list[float] | tuple[float, ...] | None = None,
     combination: str = "cat",
+    max_ram: int | str | None = None,
+    vram_budget: int | str | None = None,
 ) -> Plan:
     """Plan merging LoRA ``adapters`` into the safetensors model ``base``, writing to ``out``.
 
@@ -388,6 +399,8 @@ def plan(
     combined with ``weights`` (default 1 each): ``combination="cat"`` adds ``sum_i w_i s_i B_i @ A_i``
     (PEFT's ``add_weighted_adapter(..., combination_type="cat")``, exact, any ranks);
     ``"linear"`` reproduces PEFT's ``linear`` (weighted sums of the A's and of the B's, equal ranks).
+    ``max_ram`` / ``vram_budget`` shrink the tiles until the estimate fits, or refuse with
+    :class:`BudgetTooSmall` when even the smallest tiles do not.
 
     Example::
 
@@ -426,31 +439,51 @@ def plan(
         ckpt.ignored
     )
     notes += updates.notes
-    if mode == "lora":
-        if len(opened) > 1:
-            raise StreamMergeError("--mode lora writes one adapter; give exactly one")
-        specs = [_unit_spec(t, BaseUpdate(), out_dtype, tile_bytes) for t in adapter_tensors(opened[0])]
-        units, shards = layout_shards(specs, max_shard_bytes, single_name=ADAPTER_WEIGHTS_NAME)
-        copy_files = _adapter_files(opened[0].root)
-        config = None
-    else:
-        requant = requant_choices(ckpt, quantized, out_dtype) if mode == "merged_4bit" else {}
+    if mode == "lora" and len(opened) > 1:
+        raise StreamMergeError("--mode lora writes one adapter; give exactly one")
+    requant = requant_choices(ckpt, quantized, out_dtype) if mode == "merged_4bit" else {}
+
+    def lay_out(tile: int) -> tuple[list[WorkUnit], list[Shard]]:
+        if mode == "lora":
+            specs = [_unit_spec(t, BaseUpdate(), out_dtype, tile) for t in adapter_tensors(opened[0])]
+            return layout_shards(specs, max_shard_bytes, single_name=ADAPTER_WEIGHTS_NAME)
         specs = [
             _unit_spec(
-                t, updates.by_name.get(t.name, BaseUpdate()), out_dtype, tile_bytes, quantized.get(t.name), requant.get(t.name), combination
+                t, updates.by_name.get(t.name, BaseUpdate()), out_dtype, tile, quantized.get(t.name), requant.get(t.name), combination
             )
             for t in [*ckpt.ordered(), *updates.extra_tensors]
         ]
-        units, shards = layout_shards(specs, max_shard_bytes)
+        return layout_shards(specs, max_shard_bytes)
+
+    if mode == "lora":
+        copy_files, config = _adapter_files(opened[0].root), None
+    else:
         copy_files = _files_to_copy(ckpt.root, [a.root for a in opened])
         config = output_config(ckpt.config, out_dtype, requant_config(ckpt.config, quantized, out_dtype) if requant else None)
         if config is not None:
             config.update(updates.config_edits)
+    # Tiles shrink (halving) until the estimate fits --max-ram / --vram-budget.
+    ram_budget = None if max_ram is None else parse_size(max_ram, "max RAM")
+    vram = None if vram_budget is None else parse_size(vram_budget, "VRAM budget")
+    while True:
+        units, shards = lay_out(tile_bytes)
+        estimate = estimate_run(units, shards, copy_files, config, tile_bytes, device)
+        over_ram = ram_budget is not None and estimate.peak_host_bytes > ram_budget
+        over_vram = vram is not None and estimate.peak_device_bytes > vram
+        if not (over_ram or over_vram):
+            break
+        if tile_bytes <= MIN_TILE_BYTES:
+            what, need, have = ("RAM", estimate.peak_host_bytes, ram_budget) if over_ram else ("VRAM", estimate.peak_device_bytes, vram)
+            raise BudgetTooSmall(
+                f"{ckpt.root}: needs at least {need} bytes of {what} even with {MIN_TILE_BYTES}-byte tiles (largest unit "
+                f"{estimate.largest_unit}); the budget is {have}. Raise the budget."
+            )
+        tile_bytes = max(MIN_TILE_BYTES, tile_bytes // 2)
+    if mode != "lora":
         notes += quantized_notes(quantized, any(u.op == "merge" and u.quant for u in units))
         if requant:
             notes.append(f"{len(requant)} weights are re-quantized to 4 bit ({next(iter(requant.values())).quant_type}) after merging")
     inputs = _fingerprints(ckpt, opened, copy_files)
-    estimate = estimate_run(units, shards, copy_files, config, tile_bytes, device)
     return Plan(
         version=PLAN_VERSION,
         base=ckpt.root,

@@ -1,0 +1,76 @@
+"""Preflight: fail before any byte is written, saying what is needed versus what is there."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+
+import streammerge
+from streammerge.errors import BudgetTooSmall, OutputError
+from tests.conftest import make_llama, make_lora, peak_rss_of, run_cli
+
+
+@pytest.fixture(scope="module")
+def mid_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("mid")
+    base = make_llama(root / "base", hidden_size=512, intermediate_size=1536, num_hidden_layers=2, vocab_size=16000)
+    return base, make_lora(base, root / "lora", r=16)
+
+
+def test_max_ram_shrinks_tiles_to_fit(mid_model: tuple[Path, Path], tmp_path: Path) -> None:
+    base, lora = mid_model
+    free = streammerge.plan(base, [str(lora)], out=tmp_path / "o", tile_size="64MiB")
+    budget = free.estimate.peak_host_bytes - 1
+    fitted = streammerge.plan(base, [str(lora)], out=tmp_path / "o", tile_size="64MiB", max_ram=budget)
+    assert fitted.estimate.peak_host_bytes <= budget < free.estimate.peak_host_bytes
+    assert fitted.estimate.tile_bytes < free.estimate.tile_bytes
+
+
+def test_max_ram_too_small_is_refused_clearly(llama_base: Path, llama_lora: Path, tmp_path: Path) -> None:
+    r = run_cli("plan", str(llama_base), str(llama_lora), "-o", str(tmp_path / "o"), "--max-ram", "100MiB")
+    assert r.exit_code == 2 and "needs at least" in r.stderr and "of RAM" in r.stderr and "budget is 104857600" in r.stderr
+
+
+def test_max_ram_run_stays_under_the_budget(mid_model: tuple[Path, Path], tmp_path: Path) -> None:
+    base, lora = mid_model
+    budget = 480 * 2**20
+    args = [str(base), str(lora), "-o", str(tmp_path / "out"), "--max-ram", str(budget)]
+    peak = peak_rss_of([sys.executable, "-m", "streammerge", "merge", *args, "-q"])
+    assert peak <= budget
+
+
+def test_not_enough_disk_fails_before_writing(llama_base: Path, llama_lora: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import psutil
+
+    usage = namedtuple("usage", "total used free percent")
+    monkeypatch.setattr(psutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000, 99.9))
+    with pytest.raises(OutputError, match=r"needs .* of disk, only 1000 B is free"):
+        streammerge.run(streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "o"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_not_enough_ram_fails_before_writing(llama_base: Path, llama_lora: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import psutil
+
+    class Memory:
+        available = 0
+
+    class Proc:
+        def memory_info(self) -> object:
+            return namedtuple("mem", "rss")(10 * 2**20)
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Memory())
+    monkeypatch.setattr(psutil, "Process", Proc)
+    with pytest.raises(BudgetTooSmall, match=r"needs up to .* of RAM, 10.0 MiB is available; plan with --max-ram"):
+        streammerge.run(streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "o"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_unwritable_output_folder(llama_base: Path, llama_lora: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(OutputError, match="no permission to write"):
+        streammerge.run(streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "o"))
