@@ -67,6 +67,7 @@ _max_ram_option = click.option(
 _vram_option = click.option(
     "--vram-budget", default=None, help="GPU memory budget, e.g. 8GiB (default: 80% of what is free when the run starts)."
 )
+_verify_option = click.option("--verify", "verify_after", is_flag=True, help="Run `streammerge verify` on the output when done.")
 _resume_option = click.option(
     "--resume", is_flag=True, help="Continue an interrupted run of the same command from OUT.partial (only unfinished tensors are redone)."
 )
@@ -112,6 +113,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     streammerge plan  BASE LORA -o OUT      dry run: what it will do and need
     streammerge merge BASE LORA -o OUT      merge (peak RAM bounded by one tile)
     streammerge run   plan.json             execute a saved plan
+    streammerge verify OUT                  check an output against its manifest
     streammerge inspect PATH                what a model, adapter or file holds
     streammerge demo                        built-in example, no download
     """
@@ -223,6 +225,7 @@ def _execute(p: Plan, quiet: bool, device: str | None, resume: bool = False, vra
 @_vram_option
 @_overwrite_option
 @_resume_option
+@_verify_option
 @_quiet_option
 def merge(
     base: str,
@@ -239,6 +242,7 @@ def merge(
     vram_budget: str | None,
     overwrite: bool,
     resume: bool,
+    verify_after: bool,
     quiet: bool,
 ) -> None:
     """Merge the LoRA ADAPTERS into the model in BASE and write a standalone model to OUT.
@@ -251,12 +255,12 @@ def merge(
     Several adapters: streammerge merge BASE A1 A2 -o OUT --weights 0.7,0.3 gives
     W + sum_i w_i s_i B_i @ A_i (one read and one write of the base, whatever their number).
     """
-    _execute(
-        _make_plan(base, adapters, out, dtype, max_shard_size, tile_size, device, overwrite, mode, weights, combination),
-        quiet,
-        None,
-        resume,
+    p = _make_plan(
+        base, adapters, out, dtype, max_shard_size, tile_size, device, overwrite, mode, weights, combination, max_ram, vram_budget
     )
+    _execute(p, quiet, None, resume, vram_budget)
+    if verify_after:
+        _report_verify(p.out, None, 0)
 
 
 @cli.command("plan")
@@ -320,6 +324,44 @@ def plan_cmd(
 def run_cmd(plan_file: str, device: str | None, resume: bool, quiet: bool) -> None:
     """Execute a plan saved by `streammerge plan --save`. Inputs must be unchanged since."""
     _execute(Plan.load(plan_file), quiet, device, resume)
+
+
+@cli.command("verify")
+@click.argument("out", type=click.Path())
+@click.option(
+    "--against",
+    nargs=2,
+    type=click.Path(),
+    default=None,
+    metavar="BASE ADAPTER",
+    help="Also recompute a sample of tensors from these inputs.",
+)
+@click.option("--sample", default=8, show_default=True, help="How many merged tensors --against recomputes.")
+def verify_cmd(out: str, against: tuple[str, str] | None, sample: int) -> None:
+    """Check a merged folder: headers, index, sizes and the CRC-32 of every tensor recorded at write time.
+
+    \b
+    Exit code 0: intact; 1: damage found (listed); 2: bad input.
+    Example:
+      streammerge verify ./merged --against ./base ./my-lora
+    """
+    _report_verify(out, (against[0], [against[1]]) if against else None, sample)
+
+
+def _report_verify(out: str, against: tuple[str, list[str]] | None, sample: int) -> None:
+    from streammerge.verify import verify
+
+    report = verify(out, against=against, sample=sample)
+    for note in report.notes:
+        click.echo(f"note: {note}", err=True)
+    for problem in report.problems:
+        click.echo(f"PROBLEM: {problem}", err=True)
+    summary = f"{report.tensors} tensors in {report.files} files; {report.checksummed} checksums"
+    if against:
+        summary += f"; {report.recomputed} tensors recomputed"
+    click.echo(f"verify {out}: {'OK' if report.ok else 'FAILED'} ({summary})")
+    if not report.ok:
+        sys.exit(1)
 
 
 @cli.command()

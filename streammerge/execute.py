@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -243,7 +244,52 @@ class _Requantizer:
         return out
 
 
-def _run_unit(unit: WorkUnit, files: SourceFiles, out: WriteQueue, work: Workspace, advance: Callable[[int], None]) -> None:
+class Sink(Protocol):
+    """Where a unit's bytes go: the background :class:`WriteQueue`, or memory (``compute_unit``)."""
+
+    def acquire(self) -> bytearray: ...
+    def write(self, shard: int, offset: int, tensor: str, buffer: bytearray, nbytes: int) -> None: ...
+    def write_bytes(self, shard: int, offset: int, tensor: str, data: bytes) -> None: ...
+    def copy(self, shard: int, offset: int, tensor: str, src_fd: int, src_offset: int, nbytes: int) -> None: ...
+
+
+class _MemorySink:
+    """Collects one unit's main tensor in memory."""
+
+    def __init__(self, unit: WorkUnit, buffer_bytes: int) -> None:
+        self.unit = unit
+        self.buffer_bytes = buffer_bytes
+        self.data = bytearray(unit.nbytes)
+
+    def acquire(self) -> bytearray:
+        return bytearray(self.buffer_bytes)
+
+    def write(self, shard: int, offset: int, tensor: str, buffer: bytearray, nbytes: int) -> None:
+        if tensor == self.unit.name:
+            start = offset - self.unit.offset
+            self.data[start : start + nbytes] = buffer[:nbytes]
+
+    def write_bytes(self, shard: int, offset: int, tensor: str, data: bytes) -> None:
+        self.write(shard, offset, tensor, bytearray(data), len(data))
+
+    def copy(self, shard: int, offset: int, tensor: str, src_fd: int, src_offset: int, nbytes: int) -> None:
+        self.write(shard, offset, tensor, bytearray(os.pread(src_fd, nbytes, src_offset)), nbytes)
+
+
+def compute_unit(plan: Plan, index: int, device: str = "cpu") -> bytes:
+    """The bytes unit ``index`` of ``plan`` would write for its tensor, computed in memory (for verify)."""
+    unit = plan.units[index]
+    sink = _MemorySink(unit, max(out_tile_bytes(plan.units), 1))
+    files = SourceFiles()
+    try:
+        with torch.inference_mode():
+            _run_unit(unit, files, sink, Workspace(resolve_device(device)), lambda n: None)
+    finally:
+        files.close()
+    return bytes(sink.data)
+
+
+def _run_unit(unit: WorkUnit, files: SourceFiles, out: Sink, work: Workspace, advance: Callable[[int], None]) -> None:
     src = unit.source
     if unit.op == "copy":
         fd, _ = files.get(src.file)

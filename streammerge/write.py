@@ -270,9 +270,11 @@ class Writer:
         for u in self.plan.units:
             for name, offset, nbytes in ((u.name, u.offset, u.nbytes), *((x.name, x.offset, x.nbytes) for x in u.extra)):
                 tensors[name] = {"file": self.plan.shards[u.shard].file, "offset": offset, "bytes": nbytes, "crc32": crcs[name]}
+        plan = self.plan
         return {
             "format": "streammerge-manifest/1",
-            "files": {s.file: s.size for s in self.plan.shards},
+            "options": {"dtype": plan.dtype, "mode": plan.mode, "weights": list(plan.weights), "combination": plan.combination},
+            "files": {s.file: s.size for s in plan.shards},
             "tensors": tensors,
         }
 
