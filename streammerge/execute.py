@@ -466,6 +466,7 @@ def run(
     except BaseException as e:
         if queue is not None:
             queue.cancel()
+            queue.flush_on_failure()
         files.close()
         kept = writer.abort()
         if kept and isinstance(e, (StreamMergeError, OSError)):

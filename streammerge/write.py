@@ -24,7 +24,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from streammerge.errors import OutputError, PlanMismatch
+from streammerge.errors import OutputError, PlanMismatch, StreamMergeError
 from streammerge.formats.checkpoint import CONFIG_NAME, INDEX_NAME
 from streammerge.plan import COPY_FALLBACK_BYTES, Plan, WorkUnit, shard_header_bytes
 
@@ -33,6 +33,9 @@ PLAN_FILE = ".streammerge-plan.json"
 JOURNAL_FILE = ".streammerge-journal"
 MANIFEST_FILE = "streammerge-manifest.json"
 """Written into the output: every tensor's CRC-32 and every file's size, for ``streammerge verify``."""
+COMMIT_BYTES = 256 * 2**20
+"""Finished units are journaled (after an fsync) at least every this many output bytes, and at the end:
+an interrupted run loses at most this much work."""
 STOP_AFTER_ENV = "STREAMMERGE_TEST_STOP_AFTER_UNITS"
 """Test hook: the process dies (as if killed) right after this many units are journaled."""
 
@@ -222,19 +225,20 @@ class Writer:
                 crc = zlib.crc32(os.pread(f.fileno(), min(COPY_FALLBACK_BYTES, nbytes - start), offset + start), crc)
         return crc
 
-    def commit(self, index: int, crcs: dict[str, int]) -> None:
-        """Record unit ``index`` as finished: its shard's data is fsynced first, then the journal line."""
+    def commit(self, finished: list[tuple[int, dict[str, int]]]) -> None:
+        """Record units as finished: their shards' data is fsynced first, then their journal lines."""
         self._expect(WriterState.OPEN)
         assert self._journal is not None
-        unit = self.plan.units[index]
-        line = json.dumps({"unit": index, "name": unit.name, "crc": crcs}, separators=(",", ":")) + "\n"
+        units = self.plan.units
+        lines = "".join(json.dumps({"unit": i, "name": units[i].name, "crc": crcs}, separators=(",", ":")) + "\n" for i, crcs in finished)
         try:
-            os.fdatasync(self._fds[unit.shard])
-            os.write(self._journal, line.encode("utf-8"))
+            for shard in sorted({units[i].shard for i, _ in finished}):
+                os.fdatasync(self._fds[shard])
+            os.write(self._journal, lines.encode("utf-8"))
             os.fdatasync(self._journal)
         except OSError as e:
             raise self._error(os.path.join(self.partial, JOURNAL_FILE), e) from e
-        self.done[index] = crcs
+        self.done.update(finished)
         if self.stop_after and len(self.done) >= self.stop_after:
             os._exit(137)  # test hook: die here, as a SIGKILL would
 
@@ -368,11 +372,15 @@ class _Copy:
 class _Commit:
     unit: int
     tensors: tuple[str, ...]
+    nbytes: int
+    force: bool = False
 
 
 @dataclass
 class _Crcs:
     by_tensor: dict[str, int] = field(default_factory=dict)
+    pending: list[tuple[int, dict[str, int]]] = field(default_factory=list)
+    pending_bytes: int = 0
 
 
 class WriteQueue:
@@ -430,9 +438,11 @@ class WriteQueue:
         self._jobs.put(_Copy(shard, offset, tensor, src_fd, src_offset, nbytes))
 
     def commit(self, unit: WorkUnit, index: int) -> None:
-        """Queue the journal entry of unit ``index``, after all its writes."""
+        """Queue the journal entry of unit ``index``, after all its writes (journaled in batches)."""
         self._check()
-        self._jobs.put(_Commit(index, (unit.name, *(x.name for x in unit.extra))))
+        nbytes = unit.nbytes + sum(x.nbytes for x in unit.extra)
+        force = bool(self.writer.stop_after)  # the test hook counts units one by one
+        self._jobs.put(_Commit(index, (unit.name, *(x.name for x in unit.extra)), nbytes, force))
 
     def _work(self) -> None:
         while True:
@@ -451,7 +461,10 @@ class WriteQueue:
     def _do(self, job: _Write | _Copy | _Commit) -> None:
         crcs = self._crcs.by_tensor
         if isinstance(job, _Commit):
-            self.writer.commit(job.unit, {name: crcs.pop(name, 0) for name in job.tensors})
+            self._crcs.pending.append((job.unit, {name: crcs.pop(name, 0) for name in job.tensors}))
+            self._crcs.pending_bytes += job.nbytes
+            if job.force or self._crcs.pending_bytes >= COMMIT_BYTES:
+                self._flush_commits()
             return
         if isinstance(job, _Write):
             with memoryview(job.data)[: job.nbytes] as view:
@@ -466,11 +479,23 @@ class WriteQueue:
                 self.writer.write(job.shard, job.offset + start, data)
         crcs[job.tensor] = self.writer.crc_of(job.shard, job.offset, job.nbytes)
 
+    def _flush_commits(self) -> None:
+        if self._crcs.pending:
+            self.writer.commit(self._crcs.pending)
+        self._crcs.pending, self._crcs.pending_bytes = [], 0
+
     def close(self) -> None:
-        """Wait for every queued job; raise the first error any of them hit."""
+        """Wait for every queued job and journal the last units; raise the first error any job hit."""
         self._jobs.put(None)
         self._thread.join()
         self._check()
+        self._flush_commits()
+
+    def flush_on_failure(self) -> None:
+        """After a failure elsewhere: journal the units whose writes all finished, so a resume skips them."""
+        if self._error is None:
+            with contextlib.suppress(OSError, StreamMergeError):
+                self._flush_commits()
 
     def cancel(self) -> None:
         """Drop queued jobs and stop the thread (after the job it is doing); never raises."""

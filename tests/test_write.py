@@ -26,7 +26,7 @@ def test_writer_puts_bytes_at_planned_offsets_and_finishes_atomically(llama_base
         w.finish()
     for i, u in enumerate(p.units):  # a recognisable pattern per tensor instead of merged values
         w.write(u.shard, u.offset, bytes([len(u.name) % 251]) * u.nbytes)
-        w.commit(i, {u.name: 0})
+        w.commit([(i, {u.name: 0})])
     w.finish()
     assert w.state is WriterState.FINISHED and not os.path.exists(partial_path(p.out))
     tensors = load_folder(Path(p.out))  # the safetensors library accepts every shard
