@@ -492,10 +492,13 @@ class WriteQueue:
         self._flush_commits()
 
     def flush_on_failure(self) -> None:
-        """After a failure elsewhere: journal the units whose writes all finished, so a resume skips them."""
-        if self._error is None:
-            with contextlib.suppress(OSError, StreamMergeError):
-                self._flush_commits()
+        """After a failure: journal the units whose writes all finished, so a resume skips them.
+
+        Only units whose commit job ran are pending, and that job runs after all their writes, so
+        they are complete even when a later write failed. If journaling fails too, nothing is kept.
+        """
+        with contextlib.suppress(OSError, StreamMergeError):
+            self._flush_commits()
 
     def cancel(self) -> None:
         """Drop queued jobs and stop the thread (after the job it is doing); never raises."""
