@@ -179,6 +179,7 @@ def _describe_plan(p: Plan) -> list[tuple[str, str]]:
         ("peak RAM", f"{format_bytes(e.peak_host_bytes)}  (largest unit: {e.largest_unit})"),
         ("peak VRAM", format_bytes(e.peak_device_bytes) if e.peak_device_bytes else "none (CPU)"),
         ("disk", f"{format_bytes(e.output_bytes)} written, {format_bytes(e.read_bytes)} read"),
+        ("time", f"about {e.seconds:.0f} s on a 2-core machine with a ~0.5 GB/s disk (the disk decides)"),
     ]
     rows += [("note", n) for n in p.notes]
     return rows

@@ -49,6 +49,10 @@ ACC_CHUNK_BYTES = 4 * 2**20
 WRITE_BUFFERS = 3
 """Output tiles in flight: one being computed, the others queued for or being written."""
 COPY_FALLBACK_BYTES = 8 * 2**20
+RATES = {"startup_s": 3.0, "read_bytes_per_s": 0.8e9, "write_bytes_per_s": 0.45e9, "merge_s_per_elem": 1.6e-9, "dequant_s_per_elem": 3e-9}
+"""Measured on the benchmark machine (docs/benchmarks.md: 2-core EPYC, virtual disk): cold reads, writes
+with fsync, the float64 merge on one core, 4-bit dequantization. Reading, merging and writing
+overlap, so the estimate is the slowest of them plus the start-up (importing torch)."""
 """Chunk for copying untouched tensors where the kernel cannot copy file to file."""
 RUNTIME_BASE_BYTES = 400 * 2**20
 """Resident memory of the interpreter with torch imported, before any tensor (measured ~230 MB, padded)."""
@@ -256,6 +260,8 @@ class Estimate:
     tile_bytes: int
     units: dict[str, int]
     largest_unit: str
+    seconds: float = 0.0
+    """Rough wall time on a CPU like the one the benchmarks ran on (see :data:`RATES`); the disk decides."""
 
 
 @dataclass(frozen=True)
@@ -1102,6 +1108,13 @@ def estimate_run(
     meta = len(json.dumps(config or {}, indent=2)) + 64 * len(units) + 4096
     output = sum(s.size for s in shards) + sum(os.path.getsize(c.src) for c in copy_files) + meta
     read = sum(u.source.nbytes + sum(t.a.nbytes + t.b.nbytes for t in u.lora) for u in units)
+    merged = sum(u.rows * u.row_elems for u in units if u.op == "merge")
+    dequantized = sum(u.rows * u.row_elems for u in units if u.quant is not None)
+    seconds = RATES["startup_s"] + max(
+        read / RATES["read_bytes_per_s"],
+        output / RATES["write_bytes_per_s"],
+        merged * RATES["merge_s_per_elem"] + dequantized * RATES["dequant_s_per_elem"],
+    )
     return Estimate(
         peak_host_bytes=host,
         peak_device_bytes=device_bytes,
@@ -1110,4 +1123,5 @@ def estimate_run(
         tile_bytes=tile_bytes,
         units=dict(Counter(u.op for u in units)),
         largest_unit=largest.name,
+        seconds=round(seconds, 1),
     )
