@@ -33,9 +33,9 @@ PLAN_FILE = ".streammerge-plan.json"
 JOURNAL_FILE = ".streammerge-journal"
 MANIFEST_FILE = "streammerge-manifest.json"
 """Written into the output: every tensor's CRC-32 and every file's size, for ``streammerge verify``."""
-COMMIT_BYTES = 256 * 2**20
+COMMIT_BYTES = int(os.environ.get("STREAMMERGE_COMMIT_BYTES", 256 * 2**20))
 """Finished units are journaled (after an fsync) at least every this many output bytes, and at the end:
-an interrupted run loses at most this much work."""
+an interrupted run loses at most this much work (environment: STREAMMERGE_COMMIT_BYTES)."""
 STOP_AFTER_ENV = "STREAMMERGE_TEST_STOP_AFTER_UNITS"
 """Test hook: the process dies (as if killed) right after this many units are journaled."""
 
