@@ -56,6 +56,8 @@ overlap, so the estimate is the slowest of them plus the start-up (importing tor
 """Chunk for copying untouched tensors where the kernel cannot copy file to file."""
 RUNTIME_BASE_BYTES = 400 * 2**20
 """Resident memory of the interpreter with torch imported, before any tensor (measured ~230 MB, padded)."""
+BNB_IMPORT_BYTES = 160 * 2**20
+"""Importing bitsandbytes (only for merged_4bit output) adds ~120 MB of resident memory here."""
 PER_UNIT_BOOKKEEPING_BYTES = 4096
 """Plan objects and progress state per work unit, resident for the whole run."""
 TOKENIZER_FILE_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "chat_template", "vocab", "merges")
@@ -1103,6 +1105,8 @@ def estimate_run(
     requant_tile = max((u.tile_rows * u.row_elems * 4 for u in units if u.requant), default=0)
     buffers = WRITE_BUFFERS * out_tile_bytes(units) + acc_chunk_bytes(units) + dequant_tile + requant_tile + COPY_FALLBACK_BYTES
     host = RUNTIME_BASE_BYTES + PER_UNIT_BOOKKEEPING_BYTES * len(units) + buffers + peak_transient
+    if any(u.requant for u in units):
+        host += BNB_IMPORT_BYTES
     # On a GPU: the staged input tile, the output tile, the accumulator and the factors.
     device_bytes = 0 if device == "cpu" or not computed else out_tile_bytes(units) + acc_chunk_bytes(units) + peak_transient
     meta = len(json.dumps(config or {}, indent=2)) + 64 * len(units) + 4096

@@ -403,8 +403,11 @@ class WriteQueue:
         self._error: BaseException | None = None
         self._stop = False
         self._crcs = _Crcs()
+        self._batches: queue.Queue[list[tuple[int, dict[str, int]]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="streammerge-writer", daemon=True)
+        self._committer = threading.Thread(target=self._commit_work, name="streammerge-journal", daemon=True)
         self._thread.start()
+        self._committer.start()
 
     def _check(self) -> None:
         if self._error is not None:
@@ -480,16 +483,35 @@ class WriteQueue:
         crcs[job.tensor] = self.writer.crc_of(job.shard, job.offset, job.nbytes)
 
     def _flush_commits(self) -> None:
+        """Hand the finished units to the journal thread: its fsync waits for the disk while writing goes on."""
         if self._crcs.pending:
-            self.writer.commit(self._crcs.pending)
+            self._batches.put(self._crcs.pending)
         self._crcs.pending, self._crcs.pending_bytes = [], 0
+
+    def _commit_work(self) -> None:
+        while True:
+            batch = self._batches.get()
+            if batch is None:
+                return
+            if self._error is None or self._stop:
+                try:
+                    self.writer.commit(batch)
+                except BaseException as e:
+                    if self._error is None:
+                        self._error = e
+
+    def _finish_journal(self) -> None:
+        self._flush_commits()
+        self._batches.put(None)
+        self._committer.join()
 
     def close(self) -> None:
         """Wait for every queued job and journal the last units; raise the first error any job hit."""
         self._jobs.put(None)
         self._thread.join()
         self._check()
-        self._flush_commits()
+        self._finish_journal()
+        self._check()
 
     def flush_on_failure(self) -> None:
         """After a failure: journal the units whose writes all finished, so a resume skips them.
@@ -498,7 +520,7 @@ class WriteQueue:
         they are complete even when a later write failed. If journaling fails too, nothing is kept.
         """
         with contextlib.suppress(OSError, StreamMergeError):
-            self._flush_commits()
+            self._finish_journal()
 
     def cancel(self) -> None:
         """Drop queued jobs and stop the thread (after the job it is doing); never raises."""

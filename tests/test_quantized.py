@@ -120,12 +120,13 @@ def test_plan_reports_quantized_sources_and_rounding_note(tmp_path: Path) -> Non
     assert len(notes) == 1 and "original 16-bit base" in notes[0]
 
 
-def test_4bit_peak_rss_stays_under_the_estimate(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["merged_16bit", "merged_4bit"])
+def test_4bit_peak_rss_stays_under_the_estimate(tmp_path: Path, mode: str) -> None:
     import sys
 
     base = make_llama_4bit(tmp_path / "base", quant_type="nf4", double_quant=True, hidden_size=512, intermediate_size=1536, vocab_size=8000)
     adapter = make_lora_4bit(base, tmp_path / "lora", r=16)
-    args = [str(base), str(adapter), "-o", str(tmp_path / "out"), "--tile-size", "4MiB"]
+    args = [str(base), str(adapter), "-o", str(tmp_path / "out"), "--tile-size", "4MiB", "--mode", mode]
     estimate = json.loads(run_cli("plan", *args, "--json").output)["estimate"]["peak_host_bytes"]
     peak = peak_rss_of([sys.executable, "-m", "streammerge", "merge", *args, "-q"])
     assert 100 * 2**20 < peak <= estimate, (peak, estimate)
