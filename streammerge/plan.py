@@ -10,6 +10,7 @@ plain frozen data that round-trips through JSON; the executor makes no layout de
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -450,6 +451,8 @@ def plan(
     if mode == "lora" and len(opened) > 1:
         raise StreamMergeError("--mode lora writes one adapter; give exactly one")
     requant = requant_choices(ckpt, quantized, out_dtype) if mode == "merged_4bit" else {}
+    if requant and importlib.util.find_spec("bitsandbytes") is None:
+        raise StreamMergeError("--mode merged_4bit quantizes with bitsandbytes, which is not installed: pip install 'streammerge[quant]'")
 
     def lay_out(tile: int) -> tuple[list[WorkUnit], list[Shard]]:
         if mode == "lora":

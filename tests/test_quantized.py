@@ -294,3 +294,16 @@ def test_lora_mode_checks_the_adapter_against_the_base(tmp_path: Path) -> None:
     other = make_llama(tmp_path / "other", hidden_size=32, intermediate_size=64)
     r = run_cli("plan", str(other), str(adapter), "-o", str(tmp_path / "o"), "--mode", "lora")
     assert r.exit_code == 2 and "base tensor is [32" in r.stderr
+
+
+def test_merged_4bit_without_bitsandbytes_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from tests.conftest import make_llama
+
+    base = make_llama(tmp_path / "base")
+    adapter = make_lora(base, tmp_path / "lora", target_modules=["q_proj"])
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    r = run_cli("plan", str(base), str(adapter), "-o", str(tmp_path / "o"), "--mode", "merged_4bit")
+    assert r.exit_code == 2 and "pip install 'streammerge[quant]'" in r.stderr
