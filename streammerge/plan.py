@@ -34,6 +34,7 @@ from streammerge.formats.checkpoint import (
     SINGLE_NAME,
     WEIGHT_SUFFIXES,
     Checkpoint,
+    check_inside,
     is_quantized,
     open_checkpoint,
 )
@@ -491,7 +492,14 @@ def plan(
             )
         tile_bytes = max(MIN_TILE_BYTES, tile_bytes // 2)
     if mode != "lora":
-        notes += quantized_notes(quantized, any(u.op == "merge" and u.quant for u in units))
+        notes += quantized_notes(quantized, any(u.op == "merge" and u.quant for u in units), units)
+        dora = [u for u in units if u.magnitude is not None]
+        if dora:
+            notes.append(
+                f"DoRA on {len(dora)} weights: each row's norm is taken within its tile (tiles hold whole rows), "
+                "so one pass suffices; the magnitudes add "
+                f"{sum(u.rows * 16 for u in dora) >> 10} KiB"
+            )
         if requant:
             notes.append(f"{len(requant)} weights are re-quantized to 4 bit ({next(iter(requant.values())).quant_type}) after merging")
     inputs = _fingerprints(ckpt, opened, copy_files)
@@ -550,7 +558,7 @@ def adapter_tensors(adapter: Adapter) -> list[TensorInfo]:
 def _adapter_files(root: str) -> list[CopyFile]:
     """Everything of an adapter folder but its weights: adapter_config.json (kept as is), README, tokenizer."""
     return [
-        CopyFile(src=os.path.join(root, name), dst=name)
+        CopyFile(src=check_inside(root, os.path.join(root, name)), dst=name)
         for name in sorted(os.listdir(root))
         if not name.startswith(".") and not _is_weight_file(name) and os.path.isfile(os.path.join(root, name))
     ]
@@ -657,11 +665,18 @@ def logical_view(ckpt: Checkpoint, quantized: dict[str, Quantized]) -> Checkpoin
     return dataclasses.replace(ckpt, tensors=tensors, order=tuple(order))
 
 
-def quantized_notes(quantized: dict[str, Quantized], merged: bool) -> list[str]:
+def quantized_notes(quantized: dict[str, Quantized], merged: bool, units: list[WorkUnit] | None = None) -> list[str]:
     if not quantized:
         return []
     kinds = Counter(q.quant_type if isinstance(q, Quant4bit) else "int8" for q in quantized.values())
-    notes = [f"quantized base: {', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))} weights are dequantized tile by tile"]
+    cost = ""
+    if units:
+        tile = max(
+            (u.tile_rows * u.row_elems * (DTYPE_SIZES[u.base_dtype] + QUANT_ROW_COST[u.quant.kind]) for u in units if u.quant), default=0
+        )
+        stats = max((u.quant.stats_bytes() for u in units if u.quant), default=0)
+        cost = f" (dequantization needs up to {tile >> 20} MiB per tile + {stats >> 20} MiB of block scales per tensor, in the estimate)"
+    notes = [f"quantized base: {', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))} weights are dequantized tile by tile{cost}"]
     if merged:
         notes.append(
             "the merged weights carry the quantization rounding of the base; merging into the original 16-bit base, "
@@ -1035,12 +1050,12 @@ def _files_to_copy(base: str, adapters: list[str]) -> list[CopyFile]:
     for name in sorted(os.listdir(base)):
         path = os.path.join(base, name)
         if name != CONFIG_NAME and not name.startswith(".") and not _is_weight_file(name) and os.path.isfile(path):
-            chosen[name] = path
+            chosen[name] = check_inside(base, path)
     for root in adapters:
         for name in sorted(os.listdir(root)):
             path = os.path.join(root, name)
             if _is_tokenizer_file(name) and os.path.isfile(path):
-                chosen[name] = path
+                chosen[name] = check_inside(root, path)
     return [CopyFile(src=src, dst=name) for name, src in sorted(chosen.items())]
 
 

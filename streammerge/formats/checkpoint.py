@@ -62,6 +62,24 @@ def load_json_object(path: str, what: str) -> dict[str, Any]:
     return obj
 
 
+def check_inside(root: str, path: str) -> str:
+    """``path`` (a file of the folder ``root``) must resolve inside ``root``; return it.
+
+    A symlink leading out of the folder is refused, except in a Hugging Face cache snapshot
+    (``models--org--name/snapshots/<rev>/file -> ../../blobs/<sha>``), whose files all live in
+    the repository's ``blobs`` folder by design.
+    """
+    real_root, real = os.path.realpath(root), os.path.realpath(path)
+    if real.startswith(real_root + os.sep):
+        return path
+    snapshots = os.path.dirname(os.path.abspath(root))
+    repo = os.path.dirname(snapshots)
+    in_hf_cache = os.path.basename(snapshots) == "snapshots" and os.path.basename(repo).startswith(("models--", "datasets--"))
+    if in_hf_cache and real.startswith(os.path.join(os.path.realpath(repo), "blobs") + os.sep):
+        return path
+    raise BadCheckpoint(f"{path}: is a link to {real}, outside {root}; copy the file into the folder instead")
+
+
 def check_plain_name(root: str, name: object, where: str) -> str:
     """A file name from an index must name a file directly inside ``root``; return its path."""
     if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
@@ -86,12 +104,12 @@ def open_checkpoint(root: str | os.PathLike[str]) -> Checkpoint:
     if os.path.exists(index_path):
         headers, tensors, ignored = _open_sharded(root, index_path)
     elif os.path.exists(single_path):
-        header = read_header(single_path)
+        header = read_header(check_inside(root, single_path))
         headers, tensors, ignored = (header,), header.by_name(), ()
     else:
         raise BadCheckpoint(f"{root}: {_missing_weights_reason(root)}")
     config_path = os.path.join(root, CONFIG_NAME)
-    config = load_json_object(config_path, "config.json") if os.path.exists(config_path) else None
+    config = load_json_object(check_inside(root, config_path), "config.json") if os.path.exists(config_path) else None
     return Checkpoint(root=root, headers=headers, tensors=tensors, config=config, ignored=ignored)
 
 
@@ -105,7 +123,7 @@ def _missing_weights_reason(root: str) -> str:
 
 
 def _open_sharded(root: str, index_path: str) -> tuple[tuple[Header, ...], dict[str, TensorInfo], tuple[str, ...]]:
-    index = load_json_object(index_path, "index")
+    index = load_json_object(check_inside(root, index_path), "index")
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise BadCheckpoint(f"{index_path}: 'weight_map' must be a non-empty object of tensor name -> file name")
@@ -120,6 +138,7 @@ def _open_sharded(root: str, index_path: str) -> tuple[tuple[Header, ...], dict[
         path = os.path.join(root, file)
         if not os.path.isfile(path):
             raise BadCheckpoint(f"{index_path}: names shard {file!r}, which is missing from {root}")
+        check_inside(root, path)
         header = read_header(path)
         headers.append(header)
         for t in header.tensors:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from streammerge.errors import BadAdapter, BadCheckpoint, UnsupportedAdapter
-from streammerge.formats.checkpoint import PICKLE_SUFFIXES, load_json_object
+from streammerge.formats.checkpoint import PICKLE_SUFFIXES, check_inside, load_json_object
 from streammerge.formats.safetensors import FLOAT_DTYPES, TensorInfo, read_header
 
 CONFIG_NAME = "adapter_config.json"
@@ -152,7 +152,8 @@ def open_adapter(root: str | os.PathLike[str]) -> Adapter:
             )
         raise BadAdapter(f"{root}: no {WEIGHTS_NAME}")
     try:
-        header = read_header(weights_path)
+        header = read_header(check_inside(root, weights_path))
+        check_inside(root, config_path)
     except BadCheckpoint as e:
         raise BadAdapter(str(e)) from e
 
