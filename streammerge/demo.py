@@ -149,7 +149,14 @@ def check_against_peft(base: str, lora: str, out: str) -> str:
         from transformers import AutoModelForCausalLM
     except ImportError:
         return "transformers/peft not installed: PEFT comparison skipped (pip install 'streammerge[test]')"
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
     ref = PeftModel.from_pretrained(model, lora).merge_and_unload().state_dict()
     ours = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).state_dict()
