@@ -154,8 +154,8 @@ def check_against_peft(base: str, lora: str, out: str) -> str:
     from transformers.utils import logging as hf_logging
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     warnings.filterwarnings("ignore", category=FutureWarning)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
     ref = PeftModel.from_pretrained(model, lora).merge_and_unload().state_dict()
