@@ -553,12 +553,9 @@ def peft_merge_4bit(
 
 
 def _read_folder(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    from tests.conftest import load_folder
 
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
+    return load_folder(path)
 
 
 def _config_dtype(path: Path) -> torch.dtype:
