@@ -436,6 +436,7 @@ def plan(
     quantized = find_quantized(ckpt.tensors)
     if out_dtype == "auto" and (quantized or mode == "merged_4bit") and mode != "lora":
         out_dtype = quantized_default_dtype(ckpt.config, quantized)
+    raw_tensors = ckpt.tensors
     ckpt = logical_view(ckpt, quantized)
     opened = [open_adapter(a) for a in adapters]
     out_path = os.path.abspath(os.fspath(out))
@@ -452,6 +453,16 @@ def plan(
     if mode == "lora" and len(opened) > 1:
         raise StreamMergeError("--mode lora writes one adapter; give exactly one")
     requant = requant_choices(ckpt, quantized, out_dtype) if mode == "merged_4bit" else {}
+    # merged_4bit from a 4-bit base: weights no adapter touches keep their packed bytes and statistics
+    # exactly (a dequantize/re-quantize round trip would move ~2% of their values).
+    untouched = {n: q for n, q in quantized.items() if isinstance(q, Quant4bit) and n in requant and n not in updates.by_name}
+    for name in untouched:
+        del requant[name]
+
+    def raw_copies(t: TensorInfo) -> list[TensorInfo]:
+        q = untouched[t.name]
+        return [raw_tensors[t.name], *sorted(q.companions(), key=lambda c: c.name)]
+
     if requant and importlib.util.find_spec("bitsandbytes") is None:
         raise StreamMergeError("--mode merged_4bit quantizes with bitsandbytes, which is not installed: pip install 'streammerge[quant]'")
 
@@ -459,19 +470,20 @@ def plan(
         if mode == "lora":
             specs = [_unit_spec(t, BaseUpdate(), out_dtype, tile) for t in adapter_tensors(opened[0])]
             return layout_shards(specs, max_shard_bytes, single_name=ADAPTER_WEIGHTS_NAME)
-        specs = [
-            _unit_spec(
-                t, updates.by_name.get(t.name, BaseUpdate()), out_dtype, tile, quantized.get(t.name), requant.get(t.name), combination
-            )
-            for t in [*ckpt.ordered(), *updates.extra_tensors]
-        ]
+        specs = []
+        for t in [*ckpt.ordered(), *updates.extra_tensors]:
+            if t.name in untouched:
+                specs += [_unit_spec(raw, BaseUpdate(), "auto", tile) for raw in raw_copies(t)]
+            else:
+                update = updates.by_name.get(t.name, BaseUpdate())
+                specs.append(_unit_spec(t, update, out_dtype, tile, quantized.get(t.name), requant.get(t.name), combination))
         return layout_shards(specs, max_shard_bytes)
 
     if mode == "lora":
         copy_files, config = _adapter_files(opened[0].root), None
     else:
         copy_files = _files_to_copy(ckpt.root, [a.root for a in opened])
-        config = output_config(ckpt.config, out_dtype, requant_config(ckpt.config, quantized, out_dtype) if requant else None)
+        config = output_config(ckpt.config, out_dtype, requant_config(ckpt.config, quantized, out_dtype) if requant or untouched else None)
         if config is not None:
             config.update(updates.config_edits)
     # Tiles shrink (halving) until the estimate fits --max-ram / --vram-budget.
@@ -502,6 +514,8 @@ def plan(
             )
         if requant:
             notes.append(f"{len(requant)} weights are re-quantized to 4 bit ({next(iter(requant.values())).quant_type}) after merging")
+        if untouched:
+            notes.append(f"{len(untouched)} 4-bit weights no adapter touches are copied packed, bit for bit")
     inputs = _fingerprints(ckpt, opened, copy_files)
     return Plan(
         version=PLAN_VERSION,
@@ -774,7 +788,7 @@ def map_updates(ckpt: Checkpoint, adapters: list[Adapter], weights: list[float],
     magnitudes: dict[str, Source] = {}
     adds: dict[str, list[AddTerm]] = {}
     edits: dict[str, Any] = {}
-    for index, (adapter, weight) in enumerate(zip(adapters, weights, strict=True)):
+    for adapter in adapters:  # every replacement first: LoRA shapes are checked against the final tensors
         for name, saved in adapter.replacements.items():
             target = view.tensors.get(name) or find_base_tensor(view, name.rsplit(".", 1)[0], name.rsplit(".", 1)[1])
             if target is None:
@@ -793,6 +807,7 @@ def map_updates(ckpt: Checkpoint, adapters: list[Adapter], weights: list[float],
                     )
                 edits["vocab_size"] = saved.shape[0]  # the vocabulary was resized during training
             sources[target.name] = saved
+    for index, (adapter, weight) in enumerate(zip(adapters, weights, strict=True)):
         for pair in adapter.pairs:
             target = find_base_tensor(view, pair.module)
             if target is None:
@@ -832,6 +847,15 @@ def map_updates(ckpt: Checkpoint, adapters: list[Adapter], weights: list[float],
                     f"tensor {name!r}: --combination linear needs equal ranks, found {sorted({t.a.shape[0] for t in ts})}; use cat"
                 )
 
+    if "vocab_size" in edits:  # a resized vocabulary must be resized on both sides
+        sides = [n for n in (embed.name if embed is not None else None, OUTPUT_EMBEDDING) if n and (n in lookup)]
+        rows = {n: (sources[n].shape[0] if n in sources else lookup[n].shape[0]) for n in sides}
+        if len(set(rows.values())) > 1:
+            raise AdapterMismatch(
+                f"{ckpt.root}: the adapters resize the vocabulary to {edits['vocab_size']} but leave "
+                + ", ".join(f"{n} at {r} rows" for n, r in rows.items() if r != edits["vocab_size"])
+                + "; both embeddings must be saved with the adapter (modules_to_save)"
+            )
     changed = set(terms) | set(sources) | set(adds)
     extra: tuple[TensorInfo, ...] = ()
     notes: list[str] = []
@@ -1113,9 +1137,18 @@ def estimate_run(
             extra = 0
         if u.quant is not None:  # packed bytes, dequantized tile, temporaries, statistics
             per_elem = 1 + DTYPE_SIZES[u.base_dtype] + QUANT_ROW_COST[u.quant.kind]
-            return extra + elems * per_elem + u.quant.stats_bytes() + sum(_factor_bytes(t) for t in u.lora)
+            return extra + elems * per_elem + u.quant.stats_bytes() + _unit_vectors(u)
         rounded = elems * DTYPE_SIZES[u.base_dtype] if u.base_dtype != u.source.dtype else 0
-        return extra + elems * DTYPE_SIZES[u.source.dtype] + rounded + sum(_factor_bytes(t) for t in u.lora)
+        return extra + elems * DTYPE_SIZES[u.source.dtype] + rounded + _unit_vectors(u)
+
+    def _unit_vectors(u: WorkUnit) -> int:
+        """LoRA factors (and, for the linear combination, their weighted sums and temporaries),
+        DoRA magnitudes and added vectors held in float64 for the unit."""
+        factors = sum(_factor_bytes(t) for t in u.lora)
+        if u.combination == "linear":
+            factors += 3 * sum(math.prod(t.a.shape) + math.prod(t.b.shape) for t in u.lora) * ACC_SIZE
+        vectors = (u.rows * ACC_SIZE if u.magnitude is not None else 0) + sum(3 * ACC_SIZE * math.prod(a.source.shape) for a in u.adds)
+        return factors + vectors
 
     computed = [u for u in units if u.op != "copy"]
     peak_transient = max((transient(u) for u in computed), default=0)
@@ -1126,7 +1159,9 @@ def estimate_run(
     if any(u.requant for u in units):
         host += BNB_IMPORT_BYTES
     # On a GPU: the staged input tile, the output tile, the accumulator and the factors.
-    device_bytes = 0 if device == "cpu" or not computed else out_tile_bytes(units) + acc_chunk_bytes(units) + peak_transient
+    device_bytes = (
+        0 if device == "cpu" or not computed else out_tile_bytes(units) + acc_chunk_bytes(units) + 2 * requant_tile + peak_transient
+    )
     meta = len(json.dumps(config or {}, indent=2)) + 64 * len(units) + 4096
     output = sum(s.size for s in shards) + sum(os.path.getsize(c.src) for c in copy_files) + meta
     read = sum(u.source.nbytes + sum(t.a.nbytes + t.b.nbytes for t in u.lora) for u in units)

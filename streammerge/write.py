@@ -234,7 +234,9 @@ class Writer:
         try:
             for shard in sorted({units[i].shard for i, _ in finished}):
                 os.fdatasync(self._fds[shard])
-            os.write(self._journal, lines.encode("utf-8"))
+            data = memoryview(lines.encode("utf-8"))
+            while data:
+                data = data[os.write(self._journal, data) :]
             os.fdatasync(self._journal)
         except OSError as e:
             raise self._error(os.path.join(self.partial, JOURNAL_FILE), e) from e

@@ -179,3 +179,20 @@ def test_demo_runs() -> None:
     r = run_cli("demo")
     assert r.exit_code == 0, r.output + r.stderr
     assert "demo OK" in r.output and "merge_and_unload" in r.output
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        ({"lora_alpha": float("nan")}, "finite"),
+        ({"rank_pattern": {"q_proj": 0}}, "positive integer"),
+        ({"init_lora_weights": "pissa_niter_4"}, "residual base"),
+    ],
+)
+def test_bad_adapter_configs_exit_2(llama_base: Path, llama_lora: Path, tmp_path: Path, edit: dict[str, Any], needle: str) -> None:
+    lora = tmp_path / "lora"
+    shutil.copytree(llama_lora, lora)
+    config = json.loads((lora / "adapter_config.json").read_text())
+    config.update(edit)
+    (lora / "adapter_config.json").write_text(json.dumps(config))
+    assert_one_line_error(run_cli("plan", str(llama_base), str(lora), "-o", str(tmp_path / "o")), needle)

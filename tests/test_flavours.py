@@ -240,3 +240,30 @@ def test_cli_weights_and_flavours_in_dry_run(base: Path, tmp_path: Path) -> None
     assert r.exit_code == 2 and "one finite weight per adapter" in r.stderr
     r = run_cli("merge", str(base), str(first), str(second), "-o", str(tmp_path / "o"), "--weights", "a,b")
     assert r.exit_code == 2 and "--weights" in r.stderr
+
+
+def test_vocabulary_resized_on_one_side_only_is_refused(base: Path, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model.resize_token_embeddings(136)
+    get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["embed_tokens"])).save_pretrained(
+        tmp_path / "lora"
+    )
+    path = tmp_path / "lora" / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(path).items() if "lm_head" not in k}, path)  # as a tool that saves one side would
+    with pytest.raises(streammerge.AdapterMismatch, match=r"resize the vocabulary to 136 but leave lm_head.weight at 128 rows"):
+        streammerge.plan(base, [str(tmp_path / "lora")], out=tmp_path / "o")
+
+
+def test_empty_lora_factors_are_refused(base: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    adapter = make_lora(base, tmp_path / "lora", target_modules=["q_proj"])
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(path)
+    save_file({k: (v[:, :0].contiguous() if "lora_A" in k else v) for k, v in tensors.items()}, path)
+    with pytest.raises(streammerge.BadAdapter, match="empty"):
+        streammerge.plan(base, [str(adapter)], out=tmp_path / "o")

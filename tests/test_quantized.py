@@ -307,3 +307,26 @@ def test_merged_4bit_without_bitsandbytes_is_a_clear_error(tmp_path: Path, monke
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     r = run_cli("plan", str(base), str(adapter), "-o", str(tmp_path / "o"), "--mode", "merged_4bit")
     assert r.exit_code == 2 and "pip install 'streammerge[quant]'" in r.stderr
+
+
+def test_merged_4bit_copies_untouched_4bit_weights_bit_for_bit(tmp_path: Path) -> None:
+    base = make_llama_4bit(tmp_path / "base", quant_type="nf4", double_quant=True)
+    adapter = make_lora_4bit(base, tmp_path / "lora", target_modules=["q_proj"])
+    p = streammerge.plan(base, str(adapter), out=tmp_path / "m4", mode="merged_4bit")
+    assert any("copied packed, bit for bit" in n for n in p.notes)
+    streammerge.run(p)
+    ours, original = load_folder(tmp_path / "m4"), load_folder(base)
+    for name, t in original.items():
+        if "q_proj" not in name:
+            assert torch.equal(ours[name], t), name
+    assert not torch.equal(ours["model.layers.0.self_attn.q_proj.weight"], original["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_blocksize_must_be_a_power_of_two(tmp_path: Path) -> None:
+    base = make_llama_4bit(tmp_path / "base", quant_type="nf4", double_quant=False)
+    adapter = make_lora_4bit(base, tmp_path / "lora", target_modules=["q_proj"])
+    shard = base / "model.safetensors"
+    raw = shard.read_bytes()
+    shard.write_bytes(raw.replace(b'"blocksize": 64', b'"blocksize": 63', 1))
+    r = run_cli("plan", str(base), str(adapter), "-o", str(tmp_path / "o"))
+    assert r.exit_code == 2 and "not a power of two" in r.stderr

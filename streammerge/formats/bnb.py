@@ -120,6 +120,8 @@ def parse_4bit(tensors: dict[str, TensorInfo], state_t: TensorInfo) -> Quant4bit
     if state.get("quant_type") != suffix:
         raise BadCheckpoint(f"{where}: quant_type {state.get('quant_type')!r} disagrees with the key's {suffix!r}")
     blocksize = _int(state, "blocksize", where)
+    if blocksize < 2 or blocksize & (blocksize - 1):
+        raise BadCheckpoint(f"{where}: blocksize {blocksize} is not a power of two (bitsandbytes uses 32 to 4096)")
     dtype = JSON_DTYPES.get(str(state.get("dtype")))
     if dtype is None:
         raise BadCheckpoint(f"{where}: dtype {state.get('dtype')!r} is not one of {', '.join(JSON_DTYPES)}")

@@ -111,6 +111,14 @@ def _check_config(path: str, config: dict[str, Any]) -> tuple[int, float, bool, 
     alpha = _config_value(path, config, "lora_alpha", (int, float), 8)
     if r <= 0:
         raise BadAdapter(f"{path}: 'r' must be positive, found {r}")
+    if not math.isfinite(alpha):
+        raise BadAdapter(f"{path}: 'lora_alpha' must be a finite number, found {alpha!r}")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda")):
+        raise UnsupportedAdapter(
+            f"{path}: init_lora_weights={init!r}: this adapter belongs to a residual base, not the original one; "
+            "save it with PEFT's path_initial_model_for_weight_conversion to get a plain LoRA, then merge that"
+        )
     rslora = _config_value(path, config, "use_rslora", (bool,), False)
     fifo = _config_value(path, config, "fan_in_fan_out", (bool,), False)
     ranks = _config_value(path, config, "rank_pattern", (dict,), {})
@@ -119,6 +127,8 @@ def _check_config(path: str, config: dict[str, Any]) -> tuple[int, float, bool, 
         for k, v in pattern.items():
             if not isinstance(v, (int, float)) or isinstance(v, bool) or (key == "rank_pattern" and not isinstance(v, int)):
                 raise BadAdapter(f"{path}: {key}[{k!r}] must be a number, found {v!r}")
+            if not math.isfinite(v) or (key == "rank_pattern" and v <= 0):
+                raise BadAdapter(f"{path}: {key}[{k!r}] must be {'a positive integer' if key == 'rank_pattern' else 'finite'}, found {v!r}")
     return r, float(alpha), rslora, fifo, ranks, alphas
 
 
@@ -273,6 +283,10 @@ def _make_pair(
             )
     if a.shape[0] != b.shape[1]:
         raise BadAdapter(f"{path}: tensor {a.name!r} has rank {a.shape[0]} but {b.name!r} has rank {b.shape[1]}")
+    if 0 in a.shape or 0 in b.shape:
+        raise BadAdapter(
+            f"{path}: tensors {a.name!r} {list(a.shape)} / {b.name!r} {list(b.shape)} are empty (a sharded save that was not gathered?)"
+        )
     rank_key = pattern_key(list(ranks), module)
     alpha_key = pattern_key(list(alphas), module)
     rank = ranks[rank_key] if rank_key is not None else r
