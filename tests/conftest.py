@@ -72,11 +72,20 @@ def make_gpt2(path: Path, *, dtype: torch.dtype = torch.bfloat16) -> Path:
 
 def make_lora(base: Path, path: Path, *, adapter_dtype: torch.dtype = torch.float32, seed: int = 1, **lora: Any) -> Path:
     """A PEFT LoRA adapter for ``base`` with random (non-zero) A and B, saved with save_pretrained."""
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = random_lora(model, seed, **lora)
+    peft_model.to(adapter_dtype)
+    peft_model.save_pretrained(path)
+    return path
+
+
+def random_lora(model: Any, seed: int, **lora: Any) -> Any:
+    """``get_peft_model`` with LoRA defaults (all Llama linears, r=8, alpha=16) and random non-zero factors."""
+    from peft import LoraConfig, get_peft_model
+
     lora.setdefault("target_modules", LLAMA_LINEAR)
     lora.setdefault("r", 8)
     lora.setdefault("lora_alpha", 16)
@@ -86,9 +95,7 @@ def make_lora(base: Path, path: Path, *, adapter_dtype: torch.dtype = torch.floa
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn_like(p) * 0.1)
-    peft_model.to(adapter_dtype)
-    peft_model.save_pretrained(path)
-    return path
+    return peft_model
 
 
 def peft_merge(base: Path, adapters: list[Path], out: Path, dtype: torch.dtype = torch.bfloat16) -> Path:

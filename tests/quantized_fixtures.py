@@ -452,24 +452,16 @@ def make_lora_4bit(
     same keys, shapes and dtype as one made on the bf16 base (``tests.conftest.make_lora``); with the same seed and
     settings even the same values.
     """
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    from tests.conftest import LLAMA_LINEAR
+    from tests.conftest import random_lora
 
     _quiet()
     model = AutoModelForCausalLM.from_pretrained(base4, device_map="cpu")
     if prepare:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    lora.setdefault("target_modules", LLAMA_LINEAR)
-    lora.setdefault("r", 8)
-    lora.setdefault("lora_alpha", 16)
-    peft_model = get_peft_model(model, LoraConfig(**lora))
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn_like(p) * 0.1)
+    peft_model = random_lora(model, seed, **lora)
     for name, p in peft_model.named_parameters():
         if "lora_" in name:
             p.data = p.data.to(adapter_dtype)
