@@ -45,18 +45,21 @@ def run(
     from streammerge.readahead import Readahead
 
     readahead = Readahead(plan)
-    readahead.advance(0)  # the first reads overlap the torch import below
-    from streammerge.execute import run as _run
+    readahead.start()  # the first reads overlap the torch import below
+    try:
+        from streammerge.execute import run as _run
 
-    if progress is True:
-        from streammerge.progress import ProgressBar
+        if progress is True:
+            from streammerge.progress import ProgressBar
 
-        bar = ProgressBar()
-        try:
-            return _run(plan, progress=bar, device=device, readahead=readahead, resume=resume, vram_budget=vram_budget)
-        finally:
-            bar.close()
-    return _run(plan, progress=progress or None, device=device, readahead=readahead, resume=resume, vram_budget=vram_budget)
+            bar = ProgressBar()
+            try:
+                return _run(plan, progress=bar, device=device, readahead=readahead, resume=resume, vram_budget=vram_budget)
+            finally:
+                bar.close()
+        return _run(plan, progress=progress or None, device=device, readahead=readahead, resume=resume, vram_budget=vram_budget)
+    finally:
+        readahead.close()
 
 
 __all__ = [

@@ -10,21 +10,25 @@ offset the plan fixed. Untouched tensors are copied file to file in the kernel
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import math
 import mmap
 import os
 import resource
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 
 from streammerge import preflight
 from streammerge.errors import BadCheckpoint, BudgetTooSmall, OutputError, StreamMergeError
+from streammerge.formats.safetensors import DTYPE_SIZES
 from streammerge.kernels import (
     ACCUMULATE,
     TORCH_DTYPES,
@@ -40,6 +44,7 @@ from streammerge.kernels import (
 )
 from streammerge.plan import (
     NESTED_BLOCKSIZE,
+    PREFETCH_TILES,
     LoraTerm,
     Plan,
     QuantSpec,
@@ -51,7 +56,7 @@ from streammerge.plan import (
     quant_state_bytes,
 )
 from streammerge.readahead import Readahead
-from streammerge.write import WriteQueue, Writer
+from streammerge.write import ALIGN, Buffer, WriteQueue, Writer, aligned_start
 
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 """Linux 5.14+: fault a whole range in with one call."""
@@ -61,6 +66,9 @@ VRAM_FRACTION = 0.8
 
 Progress = Callable[[int, int, str], None]
 """progress(bytes_done, bytes_total, tensor_name), called after every tile."""
+
+Pages = Callable[[str, int, int], None]
+"""pages(path, offset, nbytes): make an input tile's bytes resident before the merge reads them."""
 
 
 @dataclass(frozen=True)
@@ -85,14 +93,42 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device("cuda")
 
 
+def _libc_madvise() -> Callable[[int, int, int], int] | None:
+    """libc's ``madvise`` through ctypes, which releases the GIL while the call runs.
+
+    ``mmap.madvise`` holds the GIL: a ``MADV_POPULATE_READ`` that waits for the disk would stall
+    the writer thread for as long. None where there is no libc to load (the stdlib call is used).
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        fn = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return cast(Callable[[int, int, int], int], fn)
+
+
+_MADVISE = _libc_madvise()
+
+
 class SourceFiles:
     """Read-only (copy-on-write, never written) mappings of the input files, opened on first use."""
 
     def __init__(self) -> None:
-        self._open: dict[str, tuple[int, mmap.mmap]] = {}
+        self._open: dict[str, tuple[int, mmap.mmap, int]] = {}
         self._populate_ok = True
+        self._lock = threading.Lock()  # the prefetch thread opens files too
 
     def get(self, path: str) -> tuple[int, mmap.mmap]:
+        fd, mm, _ = self._get(path)
+        return fd, mm
+
+    def _get(self, path: str) -> tuple[int, mmap.mmap, int]:
+        with self._lock:
+            return self._open.get(path) or self._map(path)
+
+    def _map(self, path: str) -> tuple[int, mmap.mmap, int]:
         if path not in self._open:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             try:
@@ -100,7 +136,10 @@ class SourceFiles:
             except (OSError, ValueError) as e:
                 os.close(fd)
                 raise BadCheckpoint(f"{path}: cannot map ({e})") from e
-            self._open[path] = (fd, mm)
+            view = ctypes.c_char.from_buffer(mm)  # only to learn the address; released at once
+            address = ctypes.addressof(view)
+            del view
+            self._open[path] = (fd, mm, address)
         return self._open[path]
 
     def raw(self, path: str, offset: int, nbytes: int) -> torch.Tensor:
@@ -115,27 +154,35 @@ class SourceFiles:
         size = torch.empty((), dtype=dtype).element_size()
         return torch.frombuffer(mm, dtype=dtype, count=count, offset=src.offset + first_elem * size)
 
-    def populate(self, path: str, offset: int, nbytes: int) -> None:
-        """Map a byte range's pages in one call (MADV_POPULATE_READ) instead of one fault per page."""
-        _, mm = self.get(path)
+    def _advise(self, path: str, offset: int, nbytes: int, advice: int) -> bool:
+        """madvise a byte range of a mapped file (widened to whole pages); False if the kernel refuses."""
+        _, mm, address = self._get(path)
         start = offset - offset % mmap.PAGESIZE
         end = min(len(mm), offset + nbytes)
-        if end > start and self._populate_ok:
-            try:
-                mm.madvise(MADV_POPULATE_READ, start, end - start)
-            except OSError:  # kernels before 5.14
-                self._populate_ok = False
+        if end <= start:
+            return True
+        if _MADVISE is not None:
+            return _MADVISE(address + start, end - start, advice) == 0
+        try:
+            mm.madvise(advice, start, end - start)
+        except OSError:
+            return False
+        return True
+
+    def populate(self, path: str, offset: int, nbytes: int) -> None:
+        """Map a byte range's pages in one call (MADV_POPULATE_READ) instead of one fault per page.
+
+        The call waits for the disk without holding the GIL, so the writer thread keeps writing.
+        """
+        if self._populate_ok and not self._advise(path, offset, nbytes, MADV_POPULATE_READ):
+            self._populate_ok = False  # kernels before 5.14: pages fault in one by one instead
 
     def release(self, path: str, offset: int, nbytes: int) -> None:
         """Drop the mapped pages of a byte range from this process (they stay in the page cache)."""
-        _, mm = self.get(path)
-        start = offset - offset % mmap.PAGESIZE
-        end = min(len(mm), offset + nbytes)
-        if end > start and hasattr(mm, "madvise"):
-            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+        self._advise(path, offset, nbytes, mmap.MADV_DONTNEED)
 
     def close(self) -> None:
-        for fd, mm in self._open.values():
+        for fd, mm, _ in self._open.values():
             with contextlib.suppress(BufferError):  # a tensor still views it; the mapping goes with it
                 mm.close()
             os.close(fd)
@@ -151,6 +198,75 @@ def _load_factors(files: SourceFiles, term: LoraTerm, device: torch.device) -> F
         return out
 
     return Factors(a=load(term.a), b=load(term.b), scale=term.scale, transpose=term.transpose)
+
+
+def tile_range(unit: WorkUnit, row0: int, rows: int) -> tuple[str, int, int]:
+    """The input bytes (file, offset, length) that rows ``row0 : row0 + rows`` of a computed unit read."""
+    src = unit.source
+    first, count = row0 * unit.row_elems, rows * unit.row_elems
+    if unit.quant is not None and unit.quant.kind == "int8":  # one byte per element
+        return src.file, src.offset + first, count
+    if unit.quant is not None:  # two 4-bit codes per byte; tiles start on a block boundary
+        start, end = first // 2, (first + count + 1) // 2
+        return src.file, src.offset + start, end - start
+    size = DTYPE_SIZES[src.dtype]
+    return src.file, src.offset + first * size, count * size
+
+
+def tile_ranges(units: list[WorkUnit]) -> list[tuple[str, int, int]]:
+    """Every input tile the computed units among ``units`` read, in the order the executor reads them."""
+    return [tile_range(u, row0, min(u.tile_rows, u.rows - row0)) for u in units if u.op != "copy" for row0 in range(0, u.rows, u.tile_rows)]
+
+
+class Prefetcher:
+    """Faults input tiles into the mappings on its own thread, ``ahead`` tiles before the merge needs them.
+
+    The readahead hint has the bytes on their way into the page cache; this maps them into the
+    process (``MADV_POPULATE_READ``, waiting for the disk where it must) while the merge core
+    computes the previous tile. At most ``ahead`` tiles beyond the one being merged are mapped, so
+    the bound on resident input pages is ``ahead + 1`` tiles. :meth:`ready` is called for every
+    tile in the order of ``ranges``.
+    """
+
+    def __init__(self, files: SourceFiles, ranges: list[tuple[str, int, int]], ahead: int = PREFETCH_TILES) -> None:
+        self._files = files
+        self._ranges = ranges
+        self._ahead = ahead
+        self._cond = threading.Condition()
+        self._populated = 0  # tiles mapped in by the thread
+        self._taken = 0  # tiles handed to the merge
+        self._stop = False
+        self._thread = threading.Thread(target=self._work, name="streammerge-prefetch", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        for index, (path, offset, nbytes) in enumerate(self._ranges):
+            with self._cond:
+                self._cond.wait_for(lambda i=index: self._stop or i < self._taken + self._ahead)  # type: ignore[misc]
+                if self._stop:
+                    return
+            with contextlib.suppress(OSError, StreamMergeError):  # a hint: the merge's own read reports real errors
+                self._files.populate(path, offset, nbytes)
+            with self._cond:
+                self._populated = index + 1
+                self._cond.notify_all()
+
+    def ready(self, path: str, offset: int, nbytes: int) -> None:
+        """Wait until the next tile, which must be (path, offset, nbytes), is mapped in."""
+        index = self._taken
+        if index >= len(self._ranges) or self._ranges[index] != (path, offset, nbytes):
+            raise AssertionError(f"prefetch order: tile {index} is {(path, offset, nbytes)}, expected another")
+        with self._cond:
+            self._cond.wait_for(lambda: self._stop or self._populated > index)
+            self._taken = index + 1
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Stop the thread (after the tile it is mapping); safe to call twice."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join()
 
 
 @dataclass
@@ -183,19 +299,18 @@ class _Dequantizer:
 
     def tile(self, files: SourceFiles, unit: WorkUnit, row0: int, out: torch.Tensor) -> None:
         """Rows ``row0 : row0 + len(out)`` of the weight, dequantized into ``out``."""
-        src, n = unit.source, out.shape[0]
+        n = out.shape[0]
         first, count = row0 * unit.row_elems, n * unit.row_elems
+        path, offset, nbytes = tile_range(unit, row0, n)
+        raw = files.raw(path, offset, nbytes).to(out.device)
         if self.table is None:  # int8: one byte per element, one scale per row
-            rows = files.raw(src.file, src.offset + first, count).view(torch.int8).view(n, unit.row_elems)
-            dequant_int8(rows.to(out.device), self.scales[row0 : row0 + n], out)
-            files.release(src.file, src.offset + first, count)
-            return
-        start, end = first // 2, (first + count + 1) // 2
-        packed = files.raw(src.file, src.offset + start, end - start).to(out.device)
-        blocksize = self.quant.blocksize
-        scales = self.scales[first // blocksize : (first + count + blocksize - 1) // blocksize]
-        dequant_4bit(packed, self.table, scales, blocksize, out)
-        files.release(src.file, src.offset + start, end - start)
+            dequant_int8(raw.view(torch.int8).view(n, unit.row_elems), self.scales[row0 : row0 + n], out)
+        else:
+            blocksize = self.quant.blocksize
+            scales = self.scales[first // blocksize : (first + count + blocksize - 1) // blocksize]
+            dequant_4bit(raw, self.table, scales, blocksize, out)
+        del raw
+        files.release(path, offset, nbytes)
 
 
 class _Requantizer:
@@ -247,8 +362,8 @@ class _Requantizer:
 class Sink(Protocol):
     """Where a unit's bytes go: the background :class:`WriteQueue`, or memory (``compute_unit``)."""
 
-    def acquire(self) -> bytearray: ...
-    def write(self, shard: int, offset: int, tensor: str, buffer: bytearray, nbytes: int) -> None: ...
+    def acquire(self) -> Buffer: ...
+    def write(self, shard: int, offset: int, tensor: str, buffer: Buffer, nbytes: int, start: int = 0) -> None: ...
     def write_bytes(self, shard: int, offset: int, tensor: str, data: bytes) -> None: ...
     def copy(self, shard: int, offset: int, tensor: str, src_fd: int, src_offset: int, nbytes: int) -> None: ...
 
@@ -261,13 +376,13 @@ class _MemorySink:
         self.buffer_bytes = buffer_bytes
         self.data = bytearray(unit.nbytes)
 
-    def acquire(self) -> bytearray:
-        return bytearray(self.buffer_bytes)
+    def acquire(self) -> Buffer:
+        return bytearray(self.buffer_bytes + ALIGN)
 
-    def write(self, shard: int, offset: int, tensor: str, buffer: bytearray, nbytes: int) -> None:
+    def write(self, shard: int, offset: int, tensor: str, buffer: Buffer, nbytes: int, start: int = 0) -> None:
         if tensor == self.unit.name:
-            start = offset - self.unit.offset
-            self.data[start : start + nbytes] = buffer[:nbytes]
+            at = offset - self.unit.offset
+            self.data[at : at + nbytes] = buffer[start : start + nbytes]
 
     def write_bytes(self, shard: int, offset: int, tensor: str, data: bytes) -> None:
         self.write(shard, offset, tensor, bytearray(data), len(data))
@@ -289,8 +404,13 @@ def compute_unit(plan: Plan, index: int, device: str = "cpu") -> bytes:
     return bytes(sink.data)
 
 
-def _run_unit(unit: WorkUnit, files: SourceFiles, out: Sink, work: Workspace, advance: Callable[[int], None]) -> None:
+def _run_unit(
+    unit: WorkUnit, files: SourceFiles, out: Sink, work: Workspace, advance: Callable[[int], None], pages: Pages | None = None
+) -> None:
+    """Compute (or copy) one unit into ``out``. ``pages(path, offset, nbytes)`` is called before each
+    tile's input is read (a :meth:`Prefetcher.ready`); by default the tile is mapped in right then."""
     src = unit.source
+    pages = pages or files.populate
     if unit.op == "copy":
         fd, _ = files.get(src.file)
         out.copy(unit.shard, unit.offset, unit.name, fd, src.offset, src.nbytes)
@@ -313,11 +433,11 @@ def _run_unit(unit: WorkUnit, files: SourceFiles, out: Sink, work: Workspace, ad
         n = min(unit.tile_rows, unit.rows - row0)
         first, count = row0 * unit.row_elems, n * unit.row_elems
         shape = (n, unit.row_elems)
+        pages(*tile_range(unit, row0, n))
         if dequant is not None:
             tile = work.get("dequant", TORCH_DTYPES[unit.base_dtype], shape)
             dequant.tile(files, unit, row0, tile)
         else:
-            files.populate(src.file, src.offset + first * in_size, count * in_size)
             tile = files.tensor(src, first, count).view(shape)
             if unit.base_dtype != src.dtype:  # a base weight saved with the adapter: as loaded into the base
                 tile = tile.to(TORCH_DTYPES[unit.base_dtype])
@@ -328,18 +448,22 @@ def _run_unit(unit: WorkUnit, files: SourceFiles, out: Sink, work: Workspace, ad
             _compute(tile, factors, row0, acc, result, magnitude, adds, first)
             packed = requant.tile(result, first)
             buffer = out.acquire()
-            torch.frombuffer(buffer, dtype=torch.uint8, count=packed.numel()).copy_(packed)
-            out.write(unit.shard, unit.offset + first // 2, unit.name, buffer, packed.numel())
+            at = unit.offset + first // 2
+            start = aligned_start(at)
+            torch.frombuffer(buffer, dtype=torch.uint8, count=packed.numel(), offset=start).copy_(packed)
+            out.write(unit.shard, at, unit.name, buffer, packed.numel(), start)
             written = packed.numel()
         else:
             buffer = out.acquire()
-            host = torch.frombuffer(buffer, dtype=out_dtype, count=count).view(shape)
+            at = unit.offset + first * out_size
+            start = aligned_start(at, out_size)
+            host = torch.frombuffer(buffer, dtype=out_dtype, count=count, offset=start).view(shape)
             result = host if on_cpu else work.get("out", out_dtype, shape)
             _compute(tile, factors, row0, acc, result, magnitude, adds, first)
             if not on_cpu:
                 host.copy_(result)
             del host
-            out.write(unit.shard, unit.offset + first * out_size, unit.name, buffer, count * out_size)
+            out.write(unit.shard, at, unit.name, buffer, count * out_size, start)
             written = count * out_size
         del tile, result
         if dequant is None:
@@ -401,7 +525,7 @@ def run(
 
     The output appears only when complete; on any error (or Ctrl-C) the partial folder is removed
     and the error re-raised. ``device`` overrides the plan's device ("auto", "cpu", "cuda").
-    ``readahead`` is a started :class:`~streammerge.readahead.Readahead` (one is made if not).
+    ``readahead`` is a :class:`~streammerge.readahead.Readahead`, started early (one is made if not).
     With ``resume``, an ``OUT.partial`` left by an interrupted run of the same plan is continued:
     only the units its journal does not list are redone.
 
@@ -436,7 +560,7 @@ def run(
 
     current = ""
     ahead = readahead or Readahead(plan)
-    ahead.advance(0)
+    ahead.start()
     consumed = 0
     writer = Writer(plan, resume=resume)
     files = SourceFiles()
@@ -446,24 +570,30 @@ def run(
     # keeps the other core busy with the disk.
     torch.set_num_threads(1)
     queue: WriteQueue | None = None
+    prefetch: Prefetcher | None = None
     try:
         writer.open()
         queue = WriteQueue(writer, plan.write_buffers, out_tile_bytes(plan.units))
         resumed = len(writer.done)
+        todo = [u for i, u in enumerate(plan.units) if i not in writer.done]
+        prefetch = Prefetcher(files, tile_ranges(todo))
         with torch.inference_mode():
             for index, unit in enumerate(plan.units):
                 current = unit.name
                 if index in writer.done:  # finished by the interrupted run this one resumes
                     advance(unit.nbytes + sum(x.nbytes for x in unit.extra))
                 else:
-                    _run_unit(unit, files, queue, work, advance)
+                    _run_unit(unit, files, queue, work, advance, prefetch.ready)
                     queue.commit(unit, index)
                 consumed += unit.source.nbytes + sum(t.a.nbytes + t.b.nbytes for t in unit.lora)
                 ahead.advance(consumed)
+        prefetch.close()
         queue.close()
         files.close()
         writer.finish()
     except BaseException as e:
+        if prefetch is not None:
+            prefetch.close()
         if queue is not None:
             queue.cancel()
             queue.flush_on_failure()

@@ -50,6 +50,11 @@ ACC_CHUNK_BYTES = 4 * 2**20
 """float64 accumulator rows merged at once: small enough to stay in a CPU's L2/L3 cache."""
 WRITE_BUFFERS = 3
 """Output tiles in flight: one being computed, the others queued for or being written."""
+WRITE_ALIGN = 4096
+"""Each output buffer has this much room beyond a tile, to start the tile at its file offset's
+block alignment (the writer's direct writes need it)."""
+PREFETCH_TILES = 1
+"""Input tiles mapped in ahead of the one being merged (by the executor's prefetch thread)."""
 COPY_FALLBACK_BYTES = 8 * 2**20
 RATES = {"startup_s": 3.0, "read_bytes_per_s": 0.8e9, "write_bytes_per_s": 0.45e9, "merge_s_per_elem": 1.6e-9, "dequant_s_per_elem": 3e-9}
 """Measured on the benchmark machine (docs/benchmarks.md: 2-core EPYC, virtual disk): cold reads, writes
@@ -1112,6 +1117,11 @@ def out_tile_bytes(units: tuple[WorkUnit, ...] | list[WorkUnit]) -> int:
     return max((u.tile_rows * u.row_elems * DTYPE_SIZES[u.out_dtype] for u in units if u.op != "copy"), default=0)
 
 
+def in_tile_bytes(units: tuple[WorkUnit, ...] | list[WorkUnit]) -> int:
+    """Mapped input bytes of the largest input tile of any computed unit (packed bytes for a quantized base)."""
+    return max((u.tile_rows * u.row_elems * DTYPE_SIZES[u.source.dtype] for u in units if u.op != "copy"), default=0)
+
+
 def acc_chunk_bytes(units: tuple[WorkUnit, ...] | list[WorkUnit]) -> int:
     """Size of the float64 accumulator: the largest chunk of any merge."""
     return max((u.chunk_rows * u.row_elems * ACC_SIZE for u in units if u.op == "merge"), default=0)
@@ -1123,8 +1133,8 @@ def estimate_run(
     """Upper bounds for the run.
 
     Peak RSS = runtime (interpreter + torch) + per-unit bookkeeping + the reusable buffers (the
-    output tiles in flight, the accumulator, the copy chunk) + the largest transient: one tile of
-    mapped source pages plus one unit's LoRA factors.
+    output tiles in flight, the accumulator, the copy chunk, the input tiles mapped ahead) + the
+    largest transient: one tile of mapped source pages plus one unit's LoRA factors.
     """
     largest = max(units, key=lambda u: u.work_bytes)
 
@@ -1154,7 +1164,15 @@ def estimate_run(
     peak_transient = max((transient(u) for u in computed), default=0)
     dequant_tile = max((u.tile_rows * u.row_elems * DTYPE_SIZES[u.base_dtype] for u in units if u.quant), default=0)
     requant_tile = max((u.tile_rows * u.row_elems * 4 for u in units if u.requant), default=0)
-    buffers = WRITE_BUFFERS * out_tile_bytes(units) + acc_chunk_bytes(units) + dequant_tile + requant_tile + COPY_FALLBACK_BYTES
+    prefetched = PREFETCH_TILES * in_tile_bytes(units)
+    buffers = (
+        WRITE_BUFFERS * (out_tile_bytes(units) + WRITE_ALIGN)
+        + acc_chunk_bytes(units)
+        + dequant_tile
+        + requant_tile
+        + COPY_FALLBACK_BYTES
+        + prefetched
+    )
     host = RUNTIME_BASE_BYTES + PER_UNIT_BOOKKEEPING_BYTES * len(units) + buffers + peak_transient
     if any(u.requant for u in units):
         host += BNB_IMPORT_BYTES

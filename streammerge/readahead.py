@@ -1,55 +1,107 @@
 """Keep the disk busy ahead of the merge: ask the kernel to read the next input bytes early.
 
 ``posix_fadvise(WILLNEED)`` starts asynchronous reads into the page cache (not into this
-process's memory, so RSS does not grow). A window of ``window_bytes`` ahead of the unit being
-merged is kept requested; the first window is requested before torch is even imported, so the
-import and the first reads overlap. Torch-free on purpose.
+process's memory, so RSS does not grow). A thread keeps a window of ``window_bytes`` ahead of
+the position the merge has consumed requested, in plan order. It starts before torch is even
+imported (with a larger first window), so the import and the first reads overlap. Torch-free on
+purpose.
+
+Linux reads at most ``max(read_ahead_kb, max_sectors_kb)`` per WILLNEED call (8 MiB on the
+benchmark machine) and silently drops the rest of a larger range, so ranges are requested in
+:data:`CHUNK_BYTES` pieces.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 
-from streammerge.plan import Plan, Source
+from streammerge.plan import Plan
 
 READAHEAD_BYTES = 256 * 2**20
+"""How far ahead of the merge reads are requested."""
+START_BYTES = 512 * 2**20
+"""The window before the merge has consumed anything: the torch import leaves the disk idle for seconds."""
+CHUNK_BYTES = 4 * 2**20
+"""Bytes per WILLNEED request: at most what the kernel honours in one call."""
 
 
-def _ranges(plan: Plan) -> Iterator[Source]:
+def _ranges(plan: Plan, chunk: int) -> Iterator[tuple[str, int, int]]:
+    """(file, offset, length) pieces of every input range, in the order the executor reads them."""
     for unit in plan.units:
-        yield unit.source
-        for term in unit.lora:
-            yield term.a
-            yield term.b
+        for src in (unit.source, *(s for term in unit.lora for s in (term.a, term.b))):
+            for start in range(0, src.nbytes, chunk):
+                yield src.file, src.offset + start, min(chunk, src.nbytes - start)
 
 
 class Readahead:
-    """Requests input ranges in plan order, up to ``window_bytes`` beyond the position consumed."""
+    """Requests input ranges in plan order on its own thread, up to ``window_bytes`` beyond the position consumed.
 
-    def __init__(self, plan: Plan, window_bytes: int = READAHEAD_BYTES) -> None:
+    Example::
+
+        ahead = Readahead(plan)
+        ahead.start()
+        ...
+        ahead.advance(bytes_consumed)  # after each unit
+        ahead.close()
+    """
+
+    def __init__(
+        self, plan: Plan, window_bytes: int = READAHEAD_BYTES, start_bytes: int = START_BYTES, chunk_bytes: int = CHUNK_BYTES
+    ) -> None:
         self.window = window_bytes
-        self._ranges = list(_ranges(plan))
-        self._next = 0
+        self.start_window = max(start_bytes, window_bytes)
+        self._ranges = _ranges(plan, chunk_bytes)
         self._requested = 0
+        self._consumed = 0
         self._fds: dict[str, int] = {}
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
         self.enabled = hasattr(os, "posix_fadvise")
 
+    def start(self) -> None:
+        """Start requesting (the first window is larger: nothing is consumed while torch loads)."""
+        if self.enabled and self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="streammerge-readahead", daemon=True)
+            self._thread.start()
+
     def advance(self, consumed: int) -> None:
-        """The merge has consumed ``consumed`` input bytes; keep the window ahead of it full."""
-        while self.enabled and self._next < len(self._ranges) and self._requested < consumed + self.window:
-            src = self._ranges[self._next]
-            self._next += 1
-            self._requested += src.nbytes
+        """The merge has consumed ``consumed`` input bytes (in plan order): move the window along."""
+        with self._cond:
+            self._consumed = consumed
+            self._cond.notify_all()
+
+    def _limit(self) -> int:
+        return self._consumed + (self.window if self._consumed else self.start_window)
+
+    def _work(self) -> None:
+        for path, offset, nbytes in self._ranges:
+            with self._cond:
+                self._cond.wait_for(lambda: self._closed or self._requested < self._limit())
+                if self._closed:
+                    return
+                behind = self._requested + nbytes <= self._consumed  # already merged (a resumed run skips units)
+            self._requested += nbytes
+            if behind:
+                continue
             try:
-                fd = self._fds.get(src.file)
+                fd = self._fds.get(path)
                 if fd is None:
-                    fd = self._fds[src.file] = os.open(src.file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                os.posix_fadvise(fd, src.offset, src.nbytes, os.POSIX_FADV_WILLNEED)
+                    fd = self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
             except OSError:
-                self.enabled = False  # only a hint; the reads themselves will report real errors
+                return  # only a hint; the reads themselves will report real errors
 
     def close(self) -> None:
+        """Stop the thread and close its files; safe to call twice."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
         fds, self._fds = self._fds, {}
         for fd in fds.values():
             os.close(fd)

@@ -67,7 +67,9 @@ def test_real_sigkill_mid_run_then_resume(tmp_path: Path) -> None:
     args = [str(base), str(lora), "--max-shard-size", "2MB", "--tile-size", "64KiB", "-q"]
     assert run_cli("merge", *args, "-o", str(tmp_path / "reference")).exit_code == 0
     journal = tmp_path / "out.partial" / JOURNAL_FILE
-    proc = cli_process("merge", *args, "-o", str(tmp_path / "out"), env={"STREAMMERGE_COMMIT_BYTES": "1"})  # journal every unit
+    proc = cli_process(
+        "merge", *args, "-o", str(tmp_path / "out"), env={"STREAMMERGE_COMMIT_BYTES": "1", "STREAMMERGE_COMMIT_SECONDS": "0"}
+    )  # journal every unit
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if journal.exists() and len(journal.read_bytes().splitlines()) >= 3:

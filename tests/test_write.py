@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 from pathlib import Path
 
@@ -10,8 +11,9 @@ import pytest
 import torch
 
 import streammerge
+from streammerge import write
 from streammerge.errors import OutputError
-from streammerge.write import Writer, WriterState, partial_path
+from streammerge.write import ALIGN, Writer, WriterState, aligned_start, partial_path
 from tests.conftest import load_folder
 
 
@@ -121,3 +123,114 @@ def test_inputs_are_never_modified(llama_base: Path, llama_lora: Path, tmp_path:
     before = snapshot()
     streammerge.run(streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "out", dtype="fp32"))
     assert snapshot() == before
+
+
+def _direct_io_supported(folder: Path) -> bool:
+    probe = folder / "direct-probe"
+    probe.write_bytes(b"")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | getattr(os, "O_DIRECT", 0)))
+    except OSError:
+        return False
+    return hasattr(os, "O_DIRECT")
+
+
+def _aligned_copy(data: bytes, offset: int) -> tuple[mmap.mmap, int]:
+    """``data`` in a page-aligned buffer, starting at the file offset's block alignment (as the executor fills them)."""
+    start = aligned_start(offset)
+    buf = mmap.mmap(-1, len(data) + ALIGN)
+    buf[start : start + len(data)] = data
+    return buf, start
+
+
+@pytest.mark.parametrize(
+    ("offset", "length"),
+    [(3 * ALIGN + 100, 2 * ALIGN + 50), (5 * ALIGN, 4 * ALIGN), (2 * ALIGN + 10, 100), (7, 3 * ALIGN - 7), (ALIGN - 1, ALIGN + 2)],
+)
+def test_direct_write_splits_at_block_edges(
+    llama_base: Path, llama_lora: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offset: int, length: int
+) -> None:
+    if not _direct_io_supported(tmp_path):
+        pytest.skip("no O_DIRECT on this filesystem")
+    monkeypatch.setattr(write, "DIRECT_MIN_BYTES", 0)
+    p = streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "out")
+    assert p.shards[0].size >= offset + length + 2 * ALIGN
+    direct: list[tuple[int, int]] = []
+    real = Writer._pwrite_direct
+
+    def spy(self: Writer, shard: int, fd: int, view: memoryview, at: int) -> int:
+        direct.append((at, len(view)))
+        return real(self, shard, fd, view, at)
+
+    monkeypatch.setattr(Writer, "_pwrite_direct", spy)
+    w = Writer(p)
+    w.open()
+    before = os.urandom(length + 2 * ALIGN)  # neighbours written through the page cache first
+    w.write(0, offset - offset % ALIGN, before[: offset % ALIGN])
+    data = os.urandom(length)
+    buf, start = _aligned_copy(data, offset)
+    w.write(0, offset, memoryview(buf)[start : start + length], aligned=True)
+    w.write(0, offset + length, before[:ALIGN])
+    with open(os.path.join(w.partial, p.shards[0].file), "rb") as f:
+        f.seek(offset - offset % ALIGN)
+        assert f.read(offset % ALIGN + length + ALIGN) == before[: offset % ALIGN] + data + before[:ALIGN]
+    body = [(at, n) for at, n in direct if n]
+    assert all(at % ALIGN == 0 and n % ALIGN == 0 for at, n in body)
+    whole_blocks = (offset + length) // ALIGN - -(-offset // ALIGN)
+    assert sum(n for _, n in body) == max(whole_blocks, 0) * ALIGN
+    w.abort()
+
+
+def test_direct_write_refused_falls_back_to_the_page_cache(
+    llama_base: Path, llama_lora: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not _direct_io_supported(tmp_path):
+        pytest.skip("no O_DIRECT on this filesystem")
+    monkeypatch.setattr(write, "DIRECT_MIN_BYTES", 0)
+    p = streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "out")
+    w = Writer(p)
+    w.open()
+    refused = {fd for fd in w._direct if fd is not None}
+    assert refused
+    real = os.pwrite
+
+    def pwrite(fd: int, data: memoryview, at: int) -> int:
+        if fd in refused:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, at)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    data = os.urandom(3 * ALIGN)
+    buf, start = _aligned_copy(data, 100)
+    w.write(0, 100, memoryview(buf)[start : start + len(data)], aligned=True)
+    assert w._direct[0] is None
+    with open(os.path.join(w.partial, p.shards[0].file), "rb") as f:
+        f.seek(100)
+        assert f.read(len(data)) == data
+    w.abort()
+
+
+def test_merge_with_direct_writes_is_byte_identical_to_page_cache_writes(
+    llama_base: Path, llama_lora: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not _direct_io_supported(tmp_path):
+        pytest.skip("no O_DIRECT on this filesystem")
+    monkeypatch.setattr(write, "DIRECT_MIN_BYTES", 0)
+    sent = {"bytes": 0}
+    real = Writer._pwrite_direct
+
+    def count(self: Writer, shard: int, fd: int, view: memoryview, at: int) -> int:
+        n = real(self, shard, fd, view, at)
+        sent["bytes"] += n
+        return n
+
+    monkeypatch.setattr(Writer, "_pwrite_direct", count)
+    direct = streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "direct", max_shard_size="40KB")
+    streammerge.run(direct)
+    assert sent["bytes"] > 0
+    monkeypatch.setenv("STREAMMERGE_NO_DIRECT", "1")
+    buffered = streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "buffered", max_shard_size="40KB")
+    streammerge.run(buffered)
+    assert len(direct.shards) > 1
+    for shard in direct.shards:
+        assert (tmp_path / "direct" / shard.file).read_bytes() == (tmp_path / "buffered" / shard.file).read_bytes()
