@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
@@ -60,6 +60,9 @@ from streammerge.write import ALIGN, Buffer, WriteQueue, Writer, aligned_start
 
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 """Linux 5.14+: fault a whole range in with one call."""
+
+DEQUANT_THREADS = min(2, os.cpu_count() or 1)
+"""CPU threads that dequantize a tile (gathers and scaling split well; the merge itself runs on one)."""
 
 VRAM_FRACTION = 0.8
 """Without --vram-budget, a run may use this fraction of the GPU memory free when it starts."""
@@ -189,6 +192,19 @@ class SourceFiles:
         self._open.clear()
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """torch's CPU thread count set to ``n`` for the block (unchanged if None)."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n is not None:
+            torch.set_num_threads(before)
+
+
 def _load_factors(files: SourceFiles, term: LoraTerm, device: torch.device) -> Factors:
     def load(src: Source) -> torch.Tensor:
         t = files.tensor(src, 0, src.nbytes // TORCH_DTYPES[src.dtype].itemsize).view(src.shape)
@@ -240,19 +256,24 @@ class Prefetcher:
         self._thread.start()
 
     def _work(self) -> None:
-        for index, (path, offset, nbytes) in enumerate(self._ranges):
-            with self._cond:
-                self._cond.wait_for(lambda i=index: self._stop or i < self._taken + self._ahead)  # type: ignore[misc]
-                if self._stop:
-                    return
-            with contextlib.suppress(OSError, StreamMergeError):  # a hint: the merge's own read reports real errors
-                self._files.populate(path, offset, nbytes)
-            with self._cond:
-                self._populated = index + 1
+        try:
+            for index, (path, offset, nbytes) in enumerate(self._ranges):
+                with self._cond:
+                    self._cond.wait_for(lambda i=index: self._stop or i < self._taken + self._ahead)  # type: ignore[misc]
+                    if self._stop:
+                        return
+                with contextlib.suppress(OSError, StreamMergeError):  # a hint: the merge's own read reports real errors
+                    self._files.populate(path, offset, nbytes)
+                with self._cond:
+                    self._populated = index + 1
+                    self._cond.notify_all()
+        finally:
+            with self._cond:  # however the thread ends, nobody waits for it any more
+                self._stop = True
                 self._cond.notify_all()
 
     def ready(self, path: str, offset: int, nbytes: int) -> None:
-        """Wait until the next tile, which must be (path, offset, nbytes), is mapped in."""
+        """Wait until the next tile, which must be (path, offset, nbytes), is mapped in (or map it here)."""
         index = self._taken
         if index >= len(self._ranges) or self._ranges[index] != (path, offset, nbytes):
             raise AssertionError(f"prefetch order: tile {index} is {(path, offset, nbytes)}, expected another")
@@ -260,6 +281,9 @@ class Prefetcher:
             self._cond.wait_for(lambda: self._stop or self._populated > index)
             self._taken = index + 1
             self._cond.notify_all()
+            mapped = self._populated > index
+        if not mapped:
+            self._files.populate(path, offset, nbytes)
 
     def close(self) -> None:
         """Stop the thread (after the tile it is mapping); safe to call twice."""
@@ -436,7 +460,8 @@ def _run_unit(
         pages(*tile_range(unit, row0, n))
         if dequant is not None:
             tile = work.get("dequant", TORCH_DTYPES[unit.base_dtype], shape)
-            dequant.tile(files, unit, row0, tile)
+            with _torch_threads(DEQUANT_THREADS if on_cpu else None):
+                dequant.tile(files, unit, row0, tile)
         else:
             tile = files.tensor(src, first, count).view(shape)
             if unit.base_dtype != src.dtype:  # a base weight saved with the adapter: as loaded into the base

@@ -94,9 +94,16 @@ def combine_linear(factors: list[Factors]) -> Factors:
 
 
 def nibble_table(quant_map: torch.Tensor) -> torch.Tensor:
-    """(256, 2) float32: the two 4-bit codes of every byte decoded; the high nibble is the even element."""
-    byte = torch.arange(256, device=quant_map.device)
-    return torch.stack([quant_map[byte >> 4], quant_map[byte & 0xF]], dim=1).contiguous()
+    """(65536, 4) float32: the four 4-bit codes of every pair of bytes decoded, indexed by the
+    pair read as a little-endian 16-bit number; the high nibble of each byte is the earlier element.
+
+    One gather then decodes four elements: against a byte table it halves the index work, and
+    the table (1 MiB) stays in the L2 cache.
+    """
+    pair = torch.arange(65536, device=quant_map.device)
+    first, second = pair & 0xFF, pair >> 8
+    codes = [first >> 4, first & 0xF, second >> 4, second & 0xF]
+    return torch.stack([quant_map[c] for c in codes], dim=1).contiguous()
 
 
 def double_quant_scales(
@@ -122,9 +129,16 @@ def dequant_4bit(packed: torch.Tensor, table: torch.Tensor, scales: torch.Tensor
     >>> table = nibble_table(torch.linspace(-1, 1, 16))
     >>> dequant_4bit(torch.tensor([0x0F, 0xF0], dtype=torch.uint8), table, torch.tensor([2.0, 0.5]), 2, torch.empty(4)).tolist()
     [-2.0, 2.0, 0.5, -0.5]
+    >>> dequant_4bit(torch.tensor([0x0F, 0xF0, 0x0F], dtype=torch.uint8), table, torch.tensor([1.0, 1.0, 1.0]), 2, torch.empty(5)).tolist()
+    [-1.0, 1.0, 1.0, -1.0, -1.0]
     """
-    count = out.numel()
-    values = table.index_select(0, packed.int()).view(-1)[:count]
+    count, nbytes = out.numel(), packed.numel()
+    even = nbytes - nbytes % 2
+    pairs = packed[:even].view(torch.int16).int().bitwise_and_(0xFFFF)  # little-endian byte pairs
+    values = table.index_select(0, pairs).view(-1)
+    if even < nbytes:  # an odd last byte: its pair index is the byte itself
+        values = torch.cat([values, table[packed[even:].long(), :2].reshape(-1)])
+    values = values[:count]
     full = count - count % blocksize
     values[:full].view(-1, blocksize).mul_(scales[: full // blocksize, None])
     if full < count:

@@ -144,12 +144,13 @@ class QuantSpec:
         )
 
     def stats_bytes(self) -> int:
-        """Bytes of the statistics held for the whole unit (scales in float32 plus what they come from)."""
+        """Bytes of the statistics held for the whole unit (scales in float32 plus what they come
+        from, and the 1 MiB table that decodes pairs of 4-bit bytes)."""
         if self.scb is not None:
             return 2 * self.scb.nbytes
         assert self.absmax is not None
         blocks = math.prod(self.absmax.shape)
-        return blocks * 4 + self.absmax.nbytes + (blocks * 8 if self.nested_absmax is not None else 0) + 4096
+        return blocks * 4 + self.absmax.nbytes + (blocks * 8 if self.nested_absmax is not None else 0) + 4096 + 65536 * 4 * 4
 
 
 @dataclass(frozen=True)
