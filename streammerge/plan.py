@@ -56,11 +56,12 @@ block alignment (the writer's direct writes need it)."""
 PREFETCH_TILES = 1
 """Input tiles mapped in ahead of the one being merged (by the executor's prefetch thread)."""
 COPY_FALLBACK_BYTES = 8 * 2**20
-RATES = {"startup_s": 3.0, "read_bytes_per_s": 0.8e9, "write_bytes_per_s": 0.45e9, "merge_s_per_elem": 1.6e-9, "dequant_s_per_elem": 3e-9}
-"""Measured on the benchmark machine (docs/benchmarks.md: 2-core EPYC, virtual disk): cold reads, writes
-with fsync, the float64 merge on one core, 4-bit dequantization. Reading, merging and writing
-overlap, so the estimate is the slowest of them plus the start-up (importing torch)."""
 """Chunk for copying untouched tensors where the kernel cannot copy file to file."""
+RATES = {"startup_s": 4.0, "read_bytes_per_s": 1.0e9, "write_bytes_per_s": 0.45e9, "merge_s_per_elem": 3e-9, "dequant_s_per_elem": 5e-9}
+"""Measured on the benchmark machine (docs/benchmarks.md: 2-core EPYC, virtual disk): cold reads,
+writes with fsync (reads and writes share the disk, so their times add up), the float64 merge
+and 4-bit dequantization while the disk threads run, importing torch. Computing overlaps the
+disk, so the estimate is the slower of the two plus the start-up."""
 RUNTIME_BASE_BYTES = 400 * 2**20
 """Resident memory of the interpreter with torch imported, before any tensor (measured ~230 MB, padded)."""
 BNB_IMPORT_BYTES = 160 * 2**20
@@ -1187,8 +1188,7 @@ def estimate_run(
     merged = sum(u.rows * u.row_elems for u in units if u.op == "merge")
     dequantized = sum(u.rows * u.row_elems for u in units if u.quant is not None)
     seconds = RATES["startup_s"] + max(
-        read / RATES["read_bytes_per_s"],
-        output / RATES["write_bytes_per_s"],
+        read / RATES["read_bytes_per_s"] + output / RATES["write_bytes_per_s"],
         merged * RATES["merge_s_per_elem"] + dequantized * RATES["dequant_s_per_elem"],
     )
     return Estimate(
