@@ -321,20 +321,17 @@ class _Dequantizer:
             scales = load(quant.absmax)
         return cls(quant, table, scales)
 
-    def tile(self, files: SourceFiles, unit: WorkUnit, row0: int, out: torch.Tensor) -> None:
-        """Rows ``row0 : row0 + len(out)`` of the weight, dequantized into ``out``."""
+    def tile(self, raw: torch.Tensor, unit: WorkUnit, row0: int, out: torch.Tensor) -> None:
+        """Rows ``row0 : row0 + len(out)`` of the weight, dequantized into ``out`` from their stored bytes ``raw``."""
         n = out.shape[0]
         first, count = row0 * unit.row_elems, n * unit.row_elems
-        path, offset, nbytes = tile_range(unit, row0, n)
-        raw = files.raw(path, offset, nbytes).to(out.device)
+        raw = raw.to(out.device)
         if self.table is None:  # int8: one byte per element, one scale per row
             dequant_int8(raw.view(torch.int8).view(n, unit.row_elems), self.scales[row0 : row0 + n], out)
         else:
             blocksize = self.quant.blocksize
             scales = self.scales[first // blocksize : (first + count + blocksize - 1) // blocksize]
             dequant_4bit(raw, self.table, scales, blocksize, out)
-        del raw
-        files.release(path, offset, nbytes)
 
 
 class _Requantizer:
@@ -441,7 +438,7 @@ def _run_unit(
         advance(src.nbytes)
         return
     out_dtype = TORCH_DTYPES[unit.out_dtype]
-    in_size, out_size = TORCH_DTYPES[src.dtype].itemsize, out_dtype.itemsize
+    out_size = out_dtype.itemsize
     factors = [_load_factors(files, term, work.device) for term in unit.lora]
     if unit.combination == "linear" and len(factors) > 1:
         factors = [combine_linear(factors)]
@@ -457,11 +454,12 @@ def _run_unit(
         n = min(unit.tile_rows, unit.rows - row0)
         first, count = row0 * unit.row_elems, n * unit.row_elems
         shape = (n, unit.row_elems)
-        pages(*tile_range(unit, row0, n))
+        stored = tile_range(unit, row0, n)
+        pages(*stored)
         if dequant is not None:
             tile = work.get("dequant", TORCH_DTYPES[unit.base_dtype], shape)
             with _torch_threads(DEQUANT_THREADS if on_cpu else None):
-                dequant.tile(files, unit, row0, tile)
+                dequant.tile(files.raw(*stored), unit, row0, tile)
         else:
             tile = files.tensor(src, first, count).view(shape)
             if unit.base_dtype != src.dtype:  # a base weight saved with the adapter: as loaded into the base
@@ -491,8 +489,7 @@ def _run_unit(
             out.write(unit.shard, at, unit.name, buffer, count * out_size, start)
             written = count * out_size
         del tile, result
-        if dequant is None:
-            files.release(src.file, src.offset + first * in_size, count * in_size)
+        files.release(*stored)
         advance(written)
     if requant is not None:
         slots = {x.name: x for x in unit.extra}

@@ -34,7 +34,11 @@ def _quiet_transformers() -> None:
 def make_llama(
     path: Path, *, dtype: torch.dtype = torch.bfloat16, tie: bool = False, shard: str | None = None, seed: int = 0, **cfg: Any
 ) -> Path:
-    """A tiny Llama saved with save_pretrained (sharded when ``shard`` is e.g. "100KB")."""
+    """A tiny Llama saved with save_pretrained (sharded when ``shard`` is e.g. "100KB").
+
+    Shapes: vocab 128, hidden 64, intermediate 176, 2 layers, 4 heads, 2 kv heads, each overridable
+    through ``cfg`` with its ``LlamaConfig`` name (as is any other field). Norms are perturbed away from 1.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     _quiet_transformers()
@@ -44,9 +48,9 @@ def make_llama(
         hidden_size=cfg.pop("hidden_size", 64),
         intermediate_size=cfg.pop("intermediate_size", 176),
         num_hidden_layers=cfg.pop("num_hidden_layers", 2),
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
+        num_attention_heads=cfg.pop("num_attention_heads", 4),
+        num_key_value_heads=cfg.pop("num_key_value_heads", 2),
+        max_position_embeddings=cfg.pop("max_position_embeddings", 64),
         tie_word_embeddings=tie,
         **cfg,
     )

@@ -83,34 +83,11 @@ def unquantized_source(path: Path) -> Path:
 
 
 def make_llama_source(path: Path, *, dtype: torch.dtype = torch.bfloat16, tie: bool = False, seed: int = 0, **cfg: Any) -> Path:
-    """A tiny Llama like ``tests.conftest.make_llama`` (same defaults, same seed -> bit-identical tensors).
+    """The unquantized model a 4/8-bit fixture starts from: ``tests.conftest.make_llama`` (same defaults, same
+    seed -> bit-identical tensors), saved unsharded."""
+    from tests.conftest import make_llama
 
-    Shapes: vocab 128, hidden 64, intermediate 176, 2 layers, 4 heads, 2 kv heads, each overridable through
-    ``cfg`` (``vocab_size``, ``hidden_size``, ``intermediate_size``, ``num_hidden_layers``, ``num_attention_heads``,
-    ``num_key_value_heads`` and any other ``LlamaConfig`` field). Norms are perturbed away from 1.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    _quiet()
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=cfg.pop("vocab_size", 128),
-        hidden_size=cfg.pop("hidden_size", 64),
-        intermediate_size=cfg.pop("intermediate_size", 176),
-        num_hidden_layers=cfg.pop("num_hidden_layers", 2),
-        num_attention_heads=cfg.pop("num_attention_heads", 4),
-        num_key_value_heads=cfg.pop("num_key_value_heads", 2),
-        max_position_embeddings=cfg.pop("max_position_embeddings", 64),
-        tie_word_embeddings=tie,
-        **cfg,
-    )
-    model = LlamaForCausalLM(config).to(dtype)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(path)
-    return path
+    return make_llama(path, dtype=dtype, tie=tie, seed=seed, **cfg)
 
 
 def make_llama_4bit(

@@ -143,6 +143,21 @@ def _aligned_copy(data: bytes, offset: int) -> tuple[mmap.mmap, int]:
     return buf, start
 
 
+def _direct_writes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Direct writes on from the first byte (DIRECT_MIN_BYTES 0); returns the (offset, bytes written) of each."""
+    monkeypatch.setattr(write, "DIRECT_MIN_BYTES", 0)
+    writes: list[tuple[int, int]] = []
+    real = Writer._pwrite_direct
+
+    def spy(self: Writer, shard: int, fd: int, view: memoryview, at: int) -> int:
+        n = real(self, shard, fd, view, at)
+        writes.append((at, n))
+        return n
+
+    monkeypatch.setattr(Writer, "_pwrite_direct", spy)
+    return writes
+
+
 @pytest.mark.parametrize(
     ("offset", "length"),
     [(3 * ALIGN + 100, 2 * ALIGN + 50), (5 * ALIGN, 4 * ALIGN), (2 * ALIGN + 10, 100), (7, 3 * ALIGN - 7), (ALIGN - 1, ALIGN + 2)],
@@ -152,17 +167,9 @@ def test_direct_write_splits_at_block_edges(
 ) -> None:
     if not _direct_io_supported(tmp_path):
         pytest.skip("no O_DIRECT on this filesystem")
-    monkeypatch.setattr(write, "DIRECT_MIN_BYTES", 0)
+    direct = _direct_writes(monkeypatch)
     p = streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "out")
     assert p.shards[0].size >= offset + length + 2 * ALIGN
-    direct: list[tuple[int, int]] = []
-    real = Writer._pwrite_direct
-
-    def spy(self: Writer, shard: int, fd: int, view: memoryview, at: int) -> int:
-        direct.append((at, len(view)))
-        return real(self, shard, fd, view, at)
-
-    monkeypatch.setattr(Writer, "_pwrite_direct", spy)
     w = Writer(p)
     w.open()
     before = os.urandom(length + 2 * ALIGN)  # neighbours written through the page cache first
@@ -215,22 +222,35 @@ def test_merge_with_direct_writes_is_byte_identical_to_page_cache_writes(
 ) -> None:
     if not _direct_io_supported(tmp_path):
         pytest.skip("no O_DIRECT on this filesystem")
-    monkeypatch.setattr(write, "DIRECT_MIN_BYTES", 0)
-    sent = {"bytes": 0}
-    real = Writer._pwrite_direct
-
-    def count(self: Writer, shard: int, fd: int, view: memoryview, at: int) -> int:
-        n = real(self, shard, fd, view, at)
-        sent["bytes"] += n
-        return n
-
-    monkeypatch.setattr(Writer, "_pwrite_direct", count)
+    sent = _direct_writes(monkeypatch)
     direct = streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "direct", max_shard_size="40KB")
     streammerge.run(direct)
-    assert sent["bytes"] > 0
+    assert sum(n for _, n in sent) > 0
     monkeypatch.setenv("STREAMMERGE_NO_DIRECT", "1")
     buffered = streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "buffered", max_shard_size="40KB")
     streammerge.run(buffered)
     assert len(direct.shards) > 1
     for shard in direct.shards:
         assert (tmp_path / "direct" / shard.file).read_bytes() == (tmp_path / "buffered" / shard.file).read_bytes()
+
+
+def test_journal_batches_wait_for_both_the_bytes_and_the_seconds(
+    llama_base: Path, llama_lora: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches: list[int] = []
+    real = Writer.commit
+
+    def spy(self: Writer, finished: list[tuple[int, dict[str, int]]]) -> None:
+        batches.append(len(finished))
+        real(self, finished)
+
+    monkeypatch.setattr(Writer, "commit", spy)
+    monkeypatch.setattr(write, "COMMIT_BYTES", 1)
+    monkeypatch.setattr(write, "COMMIT_SECONDS", 3600.0)  # bytes are due after every unit, seconds never
+    p = streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "out")
+    streammerge.run(p)
+    assert batches == [len(p.units)]  # one fsync + journal batch, at the end
+    batches.clear()
+    monkeypatch.setattr(write, "COMMIT_SECONDS", 0.0)
+    streammerge.run(streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "out", overwrite=True))
+    assert len(batches) == len(p.units) and set(batches) == {1}
