@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -196,3 +197,23 @@ def test_bad_adapter_configs_exit_2(llama_base: Path, llama_lora: Path, tmp_path
     config.update(edit)
     (lora / "adapter_config.json").write_text(json.dumps(config))
     assert_one_line_error(run_cli("plan", str(llama_base), str(lora), "-o", str(tmp_path / "o")), needle)
+
+
+def test_cli_process_exit_status_and_output(llama_base: Path, llama_lora: Path, tmp_path: Path) -> None:
+    """The console entry point skips the interpreter's teardown: statuses and output must survive that."""
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "streammerge", *args], capture_output=True, text=True, timeout=300)
+
+    planned = cli("plan", str(llama_base), str(llama_lora), "-o", str(tmp_path / "o"), "--json")
+    assert planned.returncode == 0, planned.stderr
+    assert json.loads(planned.stdout)["estimate"]["output_bytes"] > 0  # all of it arrived
+    merged = cli("merge", str(llama_base), str(llama_lora), "-o", str(tmp_path / "o"), "-q")
+    assert merged.returncode == 0, merged.stderr
+    assert sorted(os.listdir(tmp_path)) == ["o"] and (tmp_path / "o" / "model.safetensors").is_file()
+    bad = cli("inspect", str(tmp_path / "missing"))
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "missing" in bad.stderr
+    message = subprocess.run(
+        [sys.executable, "-c", "from streammerge.cli import _exit_now; _exit_now('gone')"], capture_output=True, text=True
+    )
+    assert (message.returncode, message.stderr) == (1, "gone\n")
