@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -75,6 +76,31 @@ _resume_option = click.option(
 _quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 _out_option = click.option("-o", "--out", required=True, type=click.Path(), help="Output folder (written atomically; must not exist).")
 _overwrite_option = click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
+_PLAN_PARAMS = (
+    click.argument("base", type=click.Path()),
+    click.argument("adapters", nargs=-1, required=True, type=click.Path()),
+    _out_option,
+    _dtype_option,
+    _shard_option,
+    _tile_option,
+    _device_option,
+    _mode_option,
+    _weights_option,
+    _combination_option,
+    _max_ram_option,
+    _vram_option,
+    _overwrite_option,
+)
+"""What makes a plan: the arguments and options `merge` and `plan` share, in --help order."""
+
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+def _plan_params(f: Command) -> Command:
+    """Decorate a command with :data:`_PLAN_PARAMS`; it receives them as keywords for :func:`_make_plan`."""
+    for param in reversed(_PLAN_PARAMS):
+        f = param(f)
+    return f
 
 
 class _Group(click.Group):
@@ -131,6 +157,7 @@ def _parse_weights(text: str | None) -> list[float] | None:
 
 
 def _make_plan(
+    *,
     base: str,
     adapters: tuple[str, ...],
     out: str,
@@ -140,11 +167,12 @@ def _make_plan(
     device: str,
     overwrite: bool,
     mode: str,
-    weights: str | None = None,
-    combination: str = "cat",
-    max_ram: str | None = None,
-    vram_budget: str | None = None,
+    weights: str | None,
+    combination: str,
+    max_ram: str | None,
+    vram_budget: str | None,
 ) -> Plan:
+    """The plan a `merge` or `plan` command line describes (:data:`_PLAN_PARAMS`, by name)."""
     return make_plan(
         base,
         list(adapters),
@@ -213,40 +241,11 @@ def _execute(p: Plan, quiet: bool, device: str | None, resume: bool = False, vra
 
 
 @cli.command()
-@click.argument("base", type=click.Path())
-@click.argument("adapters", nargs=-1, required=True, type=click.Path())
-@_out_option
-@_dtype_option
-@_shard_option
-@_tile_option
-@_device_option
-@_mode_option
-@_weights_option
-@_combination_option
-@_max_ram_option
-@_vram_option
-@_overwrite_option
+@_plan_params
 @_resume_option
 @_verify_option
 @_quiet_option
-def merge(
-    base: str,
-    adapters: tuple[str, ...],
-    out: str,
-    dtype: str,
-    max_shard_size: str,
-    tile_size: str,
-    device: str,
-    mode: str,
-    weights: str | None,
-    combination: str,
-    max_ram: str | None,
-    vram_budget: str | None,
-    overwrite: bool,
-    resume: bool,
-    verify_after: bool,
-    quiet: bool,
-) -> None:
+def merge(resume: bool, verify_after: bool, quiet: bool, **spec: Any) -> None:
     """Merge the LoRA ADAPTERS into the model in BASE and write a standalone model to OUT.
 
     \b
@@ -257,47 +256,17 @@ def merge(
     Several adapters: streammerge merge BASE A1 A2 -o OUT --weights 0.7,0.3 gives
     W + sum_i w_i s_i B_i @ A_i (one read and one write of the base, whatever their number).
     """
-    p = _make_plan(
-        base, adapters, out, dtype, max_shard_size, tile_size, device, overwrite, mode, weights, combination, max_ram, vram_budget
-    )
-    _execute(p, quiet, None, resume, vram_budget)
+    p = _make_plan(**spec)
+    _execute(p, quiet, None, resume, spec["vram_budget"])
     if verify_after:
         _report_verify(p.out, None, 0)
 
 
 @cli.command("plan")
-@click.argument("base", type=click.Path())
-@click.argument("adapters", nargs=-1, required=True, type=click.Path())
-@_out_option
-@_dtype_option
-@_shard_option
-@_tile_option
-@_device_option
-@_mode_option
-@_weights_option
-@_combination_option
-@_max_ram_option
-@_vram_option
-@_overwrite_option
+@_plan_params
 @click.option("--json", "as_json", is_flag=True, help="Print the whole plan, with its estimate, as JSON.")
 @click.option("--save", type=click.Path(), help="Save the plan as JSON here; run it later with `streammerge run`.")
-def plan_cmd(
-    base: str,
-    adapters: tuple[str, ...],
-    out: str,
-    dtype: str,
-    max_shard_size: str,
-    tile_size: str,
-    device: str,
-    mode: str,
-    weights: str | None,
-    combination: str,
-    max_ram: str | None,
-    vram_budget: str | None,
-    overwrite: bool,
-    as_json: bool,
-    save: str | None,
-) -> None:
+def plan_cmd(as_json: bool, save: str | None, **spec: Any) -> None:
     """Dry run: read headers only and show what a merge would do and need.
 
     \b
@@ -305,9 +274,7 @@ def plan_cmd(
       streammerge plan ./Llama-3.1-70B ./my-lora -o ./merged --save plan.json
       streammerge run plan.json
     """
-    p = _make_plan(
-        base, adapters, out, dtype, max_shard_size, tile_size, device, overwrite, mode, weights, combination, max_ram, vram_budget
-    )
+    p = _make_plan(**spec)
     if save:
         p.save(save)
     if as_json:
