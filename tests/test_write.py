@@ -51,11 +51,11 @@ def test_abort_removes_partial_output(llama_base: Path, llama_lora: Path, tmp_pa
 def test_failed_run_leaves_nothing_that_looks_complete(
     llama_base: Path, llama_lora: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from streammerge import execute
+    from streammerge import compute_numpy
 
     p = streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "out")
     calls = {"n": 0}
-    real = execute.merge_rows
+    real = compute_numpy.merge_rows
 
     def failing(*args: object, **kwargs: object) -> object:
         calls["n"] += 1
@@ -63,7 +63,8 @@ def test_failed_run_leaves_nothing_that_looks_complete(
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(execute, "merge_rows", failing)
+    monkeypatch.setattr(compute_numpy, "merge_rows", failing)
+    monkeypatch.setenv("STREAMMERGE_BACKEND", "numpy")
     with pytest.raises(
         OutputError, match=r"No space left on device; the finished part is kept in .*out.partial: run the same command with --resume"
     ):
