@@ -25,7 +25,7 @@ import ml_dtypes
 import numpy as np
 
 from streammerge.plan import LoraTerm, Source, WorkUnit
-from streammerge.sources import Pages, SourceFiles, tile_range
+from streammerge.sources import Pages, SourceFiles, tiles
 from streammerge.write import Sink, aligned_start
 
 Array = np.ndarray[Any, np.dtype[Any]]
@@ -150,11 +150,8 @@ class NumpyBackend:
         adds = [(_load(files, a.source).reshape(-1), a.scale) for a in unit.adds]
         out_dtype = NUMPY_DTYPES[unit.out_dtype]
         chunk = (unit.chunk_rows, unit.row_elems)
-        for row0 in range(0, unit.rows, unit.tile_rows):
-            n = min(unit.tile_rows, unit.rows - row0)
-            first, count = row0 * unit.row_elems, n * unit.row_elems
+        for row0, n, first, count, stored in tiles(unit):
             shape = (n, unit.row_elems)
-            stored = tile_range(unit, row0, n)
             pages(*stored)
             tile = np.frombuffer(files.elements(src, first, count), dtype=NUMPY_DTYPES[src.dtype]).reshape(shape)
             if unit.base_dtype != src.dtype:  # a base weight saved with the adapter: as loaded into the base

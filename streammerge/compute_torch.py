@@ -31,7 +31,7 @@ from streammerge.kernels import (
     nibble_table,
 )
 from streammerge.plan import NESTED_BLOCKSIZE, LoraTerm, Plan, QuantSpec, Source, WorkUnit, quant_state_bytes
-from streammerge.sources import Pages, SourceFiles, tile_range
+from streammerge.sources import Pages, SourceFiles, tiles
 from streammerge.write import Sink, aligned_start
 
 DEQUANT_THREADS = min(2, os.cpu_count() or 1)
@@ -222,11 +222,8 @@ def _run_unit(unit: WorkUnit, files: SourceFiles, out: Sink, work: Workspace, ad
     if requant is not None:
         out_dtype, out_size = torch.float32, 4  # the merged tile, before bitsandbytes packs it
     on_cpu = work.device.type == "cpu"
-    for row0 in range(0, unit.rows, unit.tile_rows):
-        n = min(unit.tile_rows, unit.rows - row0)
-        first, count = row0 * unit.row_elems, n * unit.row_elems
+    for row0, n, first, count, stored in tiles(unit):
         shape = (n, unit.row_elems)
-        stored = tile_range(unit, row0, n)
         pages(*stored)
         if dequant is not None:
             tile = work.get("dequant", TORCH_DTYPES[unit.base_dtype], shape)

@@ -14,8 +14,8 @@ import ctypes.util
 import mmap
 import os
 import threading
-from collections.abc import Callable
-from typing import cast
+from collections.abc import Callable, Iterator
+from typing import NamedTuple, cast
 
 from streammerge.errors import BadCheckpoint, StreamMergeError
 from streammerge.formats.safetensors import DTYPE_SIZES
@@ -137,9 +137,27 @@ def tile_range(unit: WorkUnit, row0: int, rows: int) -> tuple[str, int, int]:
     return src.file, src.offset + first * size, count * size
 
 
+class Tile(NamedTuple):
+    """One row tile of a computed unit: rows ``row0 : row0 + rows``, its elements
+    of the flattened tensor (``first : first + elems``), and the input bytes they are read from (:func:`tile_range`)."""
+
+    row0: int
+    rows: int
+    first: int
+    elems: int
+    stored: tuple[str, int, int]
+
+
+def tiles(unit: WorkUnit) -> Iterator[Tile]:
+    """The row tiles of a computed unit, in order."""
+    for row0 in range(0, unit.rows, unit.tile_rows):
+        n = min(unit.tile_rows, unit.rows - row0)
+        yield Tile(row0, n, row0 * unit.row_elems, n * unit.row_elems, tile_range(unit, row0, n))
+
+
 def tile_ranges(units: list[WorkUnit]) -> list[tuple[str, int, int]]:
     """Every input tile the computed units among ``units`` read, in the order the executor reads them."""
-    return [tile_range(u, row0, min(u.tile_rows, u.rows - row0)) for u in units if u.op != "copy" for row0 in range(0, u.rows, u.tile_rows)]
+    return [t.stored for u in units if u.op != "copy" for t in tiles(u)]
 
 
 class Prefetcher:
