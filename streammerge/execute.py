@@ -1,46 +1,77 @@
 """The executor: runs a :class:`~streammerge.plan.Plan` unit by unit, tile by tile.
 
-Bytes come in through mmap (:mod:`streammerge.sources`), are merged by a compute backend, and
-leave through the :class:`~streammerge.write.Writer` at the offset the plan fixed. Untouched
-tensors are copied file to file in the kernel (``copy_file_range``) without entering this process.
-
-Two backends compute. :mod:`streammerge.compute_torch` does everything (GPUs, 4/8-bit bases,
-re-quantization) but importing torch costs 2-3 s of CPU, a third of a 1B merge, with the disk
-idle. So when every computed unit is a plain 16/32-bit merge or cast on the CPU,
-:mod:`streammerge.compute_numpy` starts at once while torch is imported on a background thread,
-and torch's faster kernel takes over from the next unit once it is loaded (:class:`_Backends`).
-Both produce the same bytes. This module is torch-free.
+Bytes come in through mmap (pages of each finished tile are released with
+``madvise(MADV_DONTNEED)`` so they stop counting in RSS), go to the compute device, are merged
+by :mod:`streammerge.kernels`, and leave through the :class:`~streammerge.write.Writer` at the
+offset the plan fixed. Untouched tensors are copied file to file in the kernel
+(``copy_file_range``) without ever entering this process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import math
+import mmap
 import os
 import resource
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
+
+import torch
 
 from streammerge import preflight
-from streammerge.errors import OutputError, StreamMergeError
-from streammerge.plan import Plan, WorkUnit, check_inputs_unchanged, check_output, out_tile_bytes, runs_on_cpu, torch_reason
+from streammerge.errors import BadCheckpoint, BudgetTooSmall, OutputError, StreamMergeError
+from streammerge.formats.safetensors import DTYPE_SIZES
+from streammerge.kernels import (
+    ACCUMULATE,
+    TORCH_DTYPES,
+    Factors,
+    Workspace,
+    as_bytes,
+    combine_linear,
+    dequant_4bit,
+    dequant_int8,
+    double_quant_scales,
+    merge_rows,
+    nibble_table,
+)
+from streammerge.plan import (
+    NESTED_BLOCKSIZE,
+    PREFETCH_TILES,
+    LoraTerm,
+    Plan,
+    QuantSpec,
+    Source,
+    WorkUnit,
+    check_inputs_unchanged,
+    check_output,
+    out_tile_bytes,
+    quant_state_bytes,
+)
 from streammerge.readahead import Readahead
-from streammerge.sources import Pages, Prefetcher, SourceFiles, tile_ranges
-from streammerge.write import ALIGN, Buffer, Sink, WriteQueue, Writer
+from streammerge.write import ALIGN, Buffer, WriteQueue, Writer, aligned_start
+
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+"""Linux 5.14+: fault a whole range in with one call."""
+
+DEQUANT_THREADS = min(2, os.cpu_count() or 1)
+"""CPU threads that dequantize a tile (gathers and scaling split well; the merge itself runs on one)."""
+
+VRAM_FRACTION = 0.8
+"""Without --vram-budget, a run may use this fraction of the GPU memory free when it starts."""
 
 Progress = Callable[[int, int, str], None]
 """progress(bytes_done, bytes_total, tensor_name), called after every tile."""
 
-BACKEND_ENV = "STREAMMERGE_BACKEND"
-"""``auto`` (the default), ``numpy`` or ``torch``: which backend computes which unit, see :class:`_Backends`."""
-
-LOADING_SWITCH_INTERVAL = 1e-4
-"""Python's thread switch interval (s) while torch is imported beside a numpy merge. The import is
-CPU-bound Python that holds the GIL; numpy releases it inside each call, and with the default 5 ms
-waits that long to get it back after every call (measured: 24 ns per element instead of 6)."""
+Pages = Callable[[str, int, int], None]
+"""pages(path, offset, nbytes): make an input tile's bytes resident before the merge reads them."""
 
 
 @dataclass(frozen=True)
@@ -56,89 +87,306 @@ class Report:
     notes: tuple[str, ...] = field(default=())
 
 
-class Backend(Protocol):
-    """Computes the units that are not plain copies: reads their tiles from ``files``, writes to ``out``."""
+def resolve_device(requested: str) -> torch.device:
+    """``auto`` means CUDA when torch sees a GPU, else CPU; ``cuda`` without a GPU is an error."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise StreamMergeError("device 'cuda' was asked for but torch sees no usable GPU; use --device cpu or auto")
+    return torch.device("cuda")
 
-    device: str
 
-    def run_unit(self, unit: WorkUnit, files: SourceFiles, out: Sink, advance: Callable[[int], None], pages: Pages) -> None: ...
-    def close(self) -> None: ...
+def _libc_madvise() -> Callable[[int, int, int], int] | None:
+    """libc's ``madvise`` through ctypes, which releases the GIL while the call runs.
+
+    ``mmap.madvise`` holds the GIL: a ``MADV_POPULATE_READ`` that waits for the disk would stall
+    the writer thread for as long. None where there is no libc to load (the stdlib call is used).
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        fn = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return cast(Callable[[int, int, int], int], fn)
 
 
-class _TorchLoader:
-    """Imports the torch backend on a daemon thread; :meth:`ready` once it is loaded."""
+_MADVISE = _libc_madvise()
+
+
+class SourceFiles:
+    """Read-only (copy-on-write, never written) mappings of the input files, opened on first use."""
 
     def __init__(self) -> None:
-        self._interval = sys.getswitchinterval()
-        self._done = threading.Event()
-        self.error: BaseException | None = None
-        sys.setswitchinterval(LOADING_SWITCH_INTERVAL)
-        self._thread = threading.Thread(target=self._load, name="streammerge-import-torch", daemon=True)
-        self._thread.start()
+        self._open: dict[str, tuple[int, mmap.mmap, int]] = {}
+        self._populate_ok = True
+        self._lock = threading.Lock()  # the prefetch thread opens files too
 
-    def _load(self) -> None:
+    def get(self, path: str) -> tuple[int, mmap.mmap]:
+        fd, mm, _ = self._get(path)
+        return fd, mm
+
+    def _get(self, path: str) -> tuple[int, mmap.mmap, int]:
+        with self._lock:
+            return self._open.get(path) or self._map(path)
+
+    def _map(self, path: str) -> tuple[int, mmap.mmap, int]:
+        if path not in self._open:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+            except (OSError, ValueError) as e:
+                os.close(fd)
+                raise BadCheckpoint(f"{path}: cannot map ({e})") from e
+            view = ctypes.c_char.from_buffer(mm)  # only to learn the address; released at once
+            address = ctypes.addressof(view)
+            del view
+            self._open[path] = (fd, mm, address)
+        return self._open[path]
+
+    def raw(self, path: str, offset: int, nbytes: int) -> torch.Tensor:
+        """``nbytes`` bytes at ``offset`` of a file as a zero-copy uint8 tensor."""
+        _, mm = self.get(path)
+        return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=offset)
+
+    def tensor(self, src: Source, first_elem: int, count: int) -> torch.Tensor:
+        """Elements ``first_elem : first_elem + count`` of ``src`` as a zero-copy 1-D tensor."""
+        _, mm = self.get(src.file)
+        dtype = TORCH_DTYPES[src.dtype]
+        size = torch.empty((), dtype=dtype).element_size()
+        return torch.frombuffer(mm, dtype=dtype, count=count, offset=src.offset + first_elem * size)
+
+    def _advise(self, path: str, offset: int, nbytes: int, advice: int) -> bool:
+        """madvise a byte range of a mapped file (widened to whole pages); False if the kernel refuses."""
+        _, mm, address = self._get(path)
+        start = offset - offset % mmap.PAGESIZE
+        end = min(len(mm), offset + nbytes)
+        if end <= start:
+            return True
+        if _MADVISE is not None:
+            return _MADVISE(address + start, end - start, advice) == 0
         try:
-            import streammerge.compute_torch  # noqa: F401
-        except BaseException as e:  # no torch: numpy merges everything
-            self.error = e
-        finally:
-            sys.setswitchinterval(self._interval)
-            self._done.set()
+            mm.madvise(advice, start, end - start)
+        except OSError:
+            return False
+        return True
 
-    def ready(self) -> bool:
-        return self._done.is_set() and self.error is None
+    def populate(self, path: str, offset: int, nbytes: int) -> None:
+        """Map a byte range's pages in one call (MADV_POPULATE_READ) instead of one fault per page.
 
+        The call waits for the disk without holding the GIL, so the writer thread keeps writing.
+        """
+        if self._populate_ok and not self._advise(path, offset, nbytes, MADV_POPULATE_READ):
+            self._populate_ok = False  # kernels before 5.14: pages fault in one by one instead
 
-class _Backends:
-    """Which backend computes each unit of a run.
-
-    The default (:data:`BACKEND_ENV` unset or ``auto``): when every computed unit is a plain
-    16/32-bit merge or cast on the CPU, numpy computes the units that start before torch is
-    loaded on a background thread, torch those after; otherwise torch computes them all.
-    ``numpy`` (and ``load_torch=False``): numpy computes every unit it can, torch only those that
-    need it (:func:`~streammerge.plan.torch_reason`). ``torch``: torch computes them all. Unit by
-    unit, so every tensor is computed by one backend; both give the same bytes.
-    """
-
-    def __init__(self, plan: Plan, device: str, vram_budget: int | None, *, load_torch: bool = True) -> None:
-        forced = os.environ.get(BACKEND_ENV, "auto")
-        if forced not in ("auto", "numpy", "torch"):
-            raise StreamMergeError(f"{BACKEND_ENV}={forced!r}: use numpy, torch or auto")
-        computed = [u for u in plan.units if u.op != "copy"]
-        numpy_able = [torch_reason(u) is None for u in computed]
-        first_numpy = forced == "numpy" or not load_torch
-        use_numpy = runs_on_cpu(device) and forced != "torch" and any(numpy_able) and (first_numpy or all(numpy_able))
-        self._plan, self._device, self._vram_budget = plan, device, vram_budget
-        self._torch: Backend | None = None
-        self._numpy: Backend | None = None
-        self._loader: _TorchLoader | None = None
-        if use_numpy:
-            from streammerge.compute_numpy import NumpyBackend
-
-            self._numpy = NumpyBackend()
-            if not first_numpy:
-                self._loader = _TorchLoader()
-        elif computed:
-            self._torch = self._open_torch()
-        self.device = self._torch.device if self._torch is not None else "cpu"
-
-    def _open_torch(self) -> Backend:
-        from streammerge.compute_torch import TorchBackend
-
-        return TorchBackend.for_run(self._plan, self._device, self._vram_budget)
-
-    def for_unit(self, unit: WorkUnit) -> Backend:
-        """numpy for a unit it can compute until torch is loaded (for good with ``numpy``), else torch."""
-        if self._numpy is not None and torch_reason(unit) is None and (self._loader is None or not self._loader.ready()):
-            return self._numpy
-        if self._torch is None:
-            self._torch = self._open_torch()
-        return self._torch
+    def release(self, path: str, offset: int, nbytes: int) -> None:
+        """Drop the mapped pages of a byte range from this process (they stay in the page cache)."""
+        self._advise(path, offset, nbytes, mmap.MADV_DONTNEED)
 
     def close(self) -> None:
-        for backend in (self._torch, self._numpy):
-            if backend is not None:
-                backend.close()
+        for fd, mm, _ in self._open.values():
+            with contextlib.suppress(BufferError):  # a tensor still views it; the mapping goes with it
+                mm.close()
+            os.close(fd)
+        self._open.clear()
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """torch's CPU thread count set to ``n`` for the block (unchanged if None)."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n is not None:
+            torch.set_num_threads(before)
+
+
+def _load_factors(files: SourceFiles, term: LoraTerm, device: torch.device) -> Factors:
+    def load(src: Source) -> torch.Tensor:
+        t = files.tensor(src, 0, src.nbytes // TORCH_DTYPES[src.dtype].itemsize).view(src.shape)
+        out = t.to(device=device, dtype=ACCUMULATE, copy=True)
+        del t
+        files.release(src.file, src.offset, src.nbytes)
+        return out
+
+    return Factors(a=load(term.a), b=load(term.b), scale=term.scale, transpose=term.transpose)
+
+
+def tile_range(unit: WorkUnit, row0: int, rows: int) -> tuple[str, int, int]:
+    """The input bytes (file, offset, length) that rows ``row0 : row0 + rows`` of a computed unit read."""
+    src = unit.source
+    first, count = row0 * unit.row_elems, rows * unit.row_elems
+    if unit.quant is not None and unit.quant.kind == "int8":  # one byte per element
+        return src.file, src.offset + first, count
+    if unit.quant is not None:  # two 4-bit codes per byte; tiles start on a block boundary
+        start, end = first // 2, (first + count + 1) // 2
+        return src.file, src.offset + start, end - start
+    size = DTYPE_SIZES[src.dtype]
+    return src.file, src.offset + first * size, count * size
+
+
+def tile_ranges(units: list[WorkUnit]) -> list[tuple[str, int, int]]:
+    """Every input tile the computed units among ``units`` read, in the order the executor reads them."""
+    return [tile_range(u, row0, min(u.tile_rows, u.rows - row0)) for u in units if u.op != "copy" for row0 in range(0, u.rows, u.tile_rows)]
+
+
+class Prefetcher:
+    """Faults input tiles into the mappings on its own thread, ``ahead`` tiles before the merge needs them.
+
+    The readahead hint has the bytes on their way into the page cache; this maps them into the
+    process (``MADV_POPULATE_READ``, waiting for the disk where it must) while the merge core
+    computes the previous tile. At most ``ahead`` tiles beyond the one being merged are mapped, so
+    the bound on resident input pages is ``ahead + 1`` tiles. :meth:`ready` is called for every
+    tile in the order of ``ranges``.
+    """
+
+    def __init__(self, files: SourceFiles, ranges: list[tuple[str, int, int]], ahead: int = PREFETCH_TILES) -> None:
+        self._files = files
+        self._ranges = ranges
+        self._ahead = ahead
+        self._cond = threading.Condition()
+        self._populated = 0  # tiles mapped in by the thread
+        self._taken = 0  # tiles handed to the merge
+        self._stop = False
+        self._thread = threading.Thread(target=self._work, name="streammerge-prefetch", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        try:
+            for index, (path, offset, nbytes) in enumerate(self._ranges):
+                with self._cond:
+                    self._cond.wait_for(lambda i=index: self._stop or i < self._taken + self._ahead)  # type: ignore[misc]
+                    if self._stop:
+                        return
+                with contextlib.suppress(OSError, StreamMergeError):  # a hint: the merge's own read reports real errors
+                    self._files.populate(path, offset, nbytes)
+                with self._cond:
+                    self._populated = index + 1
+                    self._cond.notify_all()
+        finally:
+            with self._cond:  # however the thread ends, nobody waits for it any more
+                self._stop = True
+                self._cond.notify_all()
+
+    def ready(self, path: str, offset: int, nbytes: int) -> None:
+        """Wait until the next tile, which must be (path, offset, nbytes), is mapped in (or map it here)."""
+        index = self._taken
+        if index >= len(self._ranges) or self._ranges[index] != (path, offset, nbytes):
+            raise AssertionError(f"prefetch order: tile {index} is {(path, offset, nbytes)}, expected another")
+        with self._cond:
+            self._cond.wait_for(lambda: self._stop or self._populated > index)
+            self._taken = index + 1
+            self._cond.notify_all()
+            mapped = self._populated > index
+        if not mapped:
+            self._files.populate(path, offset, nbytes)
+
+    def close(self) -> None:
+        """Stop the thread (after the tile it is mapping); safe to call twice."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join()
+
+
+@dataclass
+class _Dequantizer:
+    """A quantized unit's statistics, loaded once per unit; produces dequantized row tiles."""
+
+    quant: QuantSpec
+    table: torch.Tensor | None
+    scales: torch.Tensor
+
+    @classmethod
+    def load(cls, files: SourceFiles, quant: QuantSpec, device: torch.device) -> _Dequantizer:
+        def load(src: Source | None) -> torch.Tensor:
+            assert src is not None
+            t = files.raw(src.file, src.offset, src.nbytes).view(TORCH_DTYPES[src.dtype]).to(device, copy=True)
+            files.release(src.file, src.offset, src.nbytes)
+            return t
+
+        if quant.kind == "int8":
+            return cls(quant, None, load(quant.scb))
+        table = nibble_table(load(quant.quant_map))
+        if quant.nested_absmax is not None:
+            nested_map = load(quant.nested_quant_map)
+            scales = double_quant_scales(
+                load(quant.absmax), nested_map, load(quant.nested_absmax), quant.nested_blocksize, quant.nested_offset
+            )
+        else:
+            scales = load(quant.absmax)
+        return cls(quant, table, scales)
+
+    def tile(self, raw: torch.Tensor, unit: WorkUnit, row0: int, out: torch.Tensor) -> None:
+        """Rows ``row0 : row0 + len(out)`` of the weight, dequantized into ``out`` from their stored bytes ``raw``."""
+        n = out.shape[0]
+        first, count = row0 * unit.row_elems, n * unit.row_elems
+        raw = raw.to(out.device)
+        if self.table is None:  # int8: one byte per element, one scale per row
+            dequant_int8(raw.view(torch.int8).view(n, unit.row_elems), self.scales[row0 : row0 + n], out)
+        else:
+            blocksize = self.quant.blocksize
+            scales = self.scales[first // blocksize : (first + count + blocksize - 1) // blocksize]
+            dequant_4bit(raw, self.table, scales, blocksize, out)
+
+
+class _Requantizer:
+    """Quantizes a unit's merged tiles back to 4 bit with bitsandbytes; writes the statistics at the end."""
+
+    def __init__(self, unit: WorkUnit) -> None:
+        import bitsandbytes.functional as bnb_f  # only plans with merged_4bit output pay for this import
+
+        assert unit.requant is not None
+        self.bnb = bnb_f
+        self.unit = unit
+        self.spec = unit.requant
+        blocks = math.ceil(unit.rows * unit.row_elems / self.spec.blocksize)
+        self.absmax = torch.empty(blocks, dtype=torch.float32)
+        self.code: torch.Tensor | None = None
+
+    def tile(self, merged: torch.Tensor, first: int) -> torch.Tensor:
+        """Pack one merged float32 tile (starting on a block boundary); returns its codes (uint8, CPU)."""
+        packed, state = self.bnb.quantize_4bit(
+            merged.reshape(-1),
+            blocksize=self.spec.blocksize,
+            quant_type=self.spec.quant_type,
+            compress_statistics=False,
+            quant_storage=torch.uint8,
+        )
+        block0 = first // self.spec.blocksize
+        self.absmax[block0 : block0 + state.absmax.numel()] = state.absmax.cpu()
+        self.code = state.code.cpu()
+        return packed.reshape(-1).cpu()
+
+    def statistics(self) -> dict[str, bytes]:
+        """The bytes of every statistics tensor, by name (the double quantization needs all block scales)."""
+        assert self.code is not None
+        spec, name = self.spec, self.unit.name
+        stats: dict[str, torch.Tensor] = {name + ".quant_map": self.code}
+        offset = 0.0
+        if spec.double_quant:
+            mean = self.absmax.mean()
+            qabsmax, nested = self.bnb.quantize_blockwise(self.absmax - mean, blocksize=NESTED_BLOCKSIZE)
+            offset = float(mean)
+            stats |= {name + ".absmax": qabsmax, name + ".nested_absmax": nested.absmax, name + ".nested_quant_map": nested.code}
+        else:
+            stats[name + ".absmax"] = self.absmax
+        out = {k: bytes(as_bytes(v.contiguous().cpu())) for k, v in stats.items()}
+        out[f"{name}.quant_state.bitsandbytes__{spec.quant_type}"] = quant_state_bytes(spec, offset)
+        return out
+
+
+class Sink(Protocol):
+    """Where a unit's bytes go: the background :class:`WriteQueue`, or memory (``compute_unit``)."""
+
+    def acquire(self) -> Buffer: ...
+    def write(self, shard: int, offset: int, tensor: str, buffer: Buffer, nbytes: int, start: int = 0) -> None: ...
+    def write_bytes(self, shard: int, offset: int, tensor: str, data: bytes) -> None: ...
+    def copy(self, shard: int, offset: int, tensor: str, src_fd: int, src_offset: int, nbytes: int) -> None: ...
 
 
 class _MemorySink:
@@ -164,31 +412,121 @@ class _MemorySink:
         self.write(shard, offset, tensor, bytearray(os.pread(src_fd, nbytes, src_offset)), nbytes)
 
 
-def _copy_unit(unit: WorkUnit, files: SourceFiles, out: Sink, advance: Callable[[int], None]) -> None:
-    """An untouched tensor: its bytes, file to file."""
-    src = unit.source
-    fd, _ = files.get(src.file)
-    out.copy(unit.shard, unit.offset, unit.name, fd, src.offset, src.nbytes)
-    advance(src.nbytes)
-
-
 def compute_unit(plan: Plan, index: int, device: str = "cpu") -> bytes:
     """The bytes unit ``index`` of ``plan`` would write for its tensor, computed in memory (for verify)."""
     unit = plan.units[index]
     sink = _MemorySink(unit, max(out_tile_bytes(plan.units), 1))
     files = SourceFiles()
     try:
-        if unit.op == "copy":
-            _copy_unit(unit, files, sink, lambda n: None)
-        else:
-            backends = _Backends(plan, device, None, load_torch=False)
-            try:
-                backends.for_unit(unit).run_unit(unit, files, sink, lambda n: None, files.populate)
-            finally:
-                backends.close()
+        with torch.inference_mode():
+            _run_unit(unit, files, sink, Workspace(resolve_device(device)), lambda n: None)
     finally:
         files.close()
     return bytes(sink.data)
+
+
+def _run_unit(
+    unit: WorkUnit, files: SourceFiles, out: Sink, work: Workspace, advance: Callable[[int], None], pages: Pages | None = None
+) -> None:
+    """Compute (or copy) one unit into ``out``. ``pages(path, offset, nbytes)`` is called before each
+    tile's input is read (a :meth:`Prefetcher.ready`); by default the tile is mapped in right then."""
+    src = unit.source
+    pages = pages or files.populate
+    if unit.op == "copy":
+        fd, _ = files.get(src.file)
+        out.copy(unit.shard, unit.offset, unit.name, fd, src.offset, src.nbytes)
+        advance(src.nbytes)
+        return
+    out_dtype = TORCH_DTYPES[unit.out_dtype]
+    out_size = out_dtype.itemsize
+    factors = [_load_factors(files, term, work.device) for term in unit.lora]
+    if unit.combination == "linear" and len(factors) > 1:
+        factors = [combine_linear(factors)]
+    magnitude = _load_vector(files, unit.magnitude, work.device) if unit.magnitude else None
+    adds = [(_load_vector(files, a.source, work.device), a.scale) for a in unit.adds]
+    acc = work.get("acc", ACCUMULATE, (unit.chunk_rows, unit.row_elems)) if factors else None
+    dequant = _Dequantizer.load(files, unit.quant, work.device) if unit.quant else None
+    requant = _Requantizer(unit) if unit.requant else None
+    if requant is not None:
+        out_dtype, out_size = torch.float32, 4  # the merged tile, before bitsandbytes packs it
+    on_cpu = work.device.type == "cpu"
+    for row0 in range(0, unit.rows, unit.tile_rows):
+        n = min(unit.tile_rows, unit.rows - row0)
+        first, count = row0 * unit.row_elems, n * unit.row_elems
+        shape = (n, unit.row_elems)
+        stored = tile_range(unit, row0, n)
+        pages(*stored)
+        if dequant is not None:
+            tile = work.get("dequant", TORCH_DTYPES[unit.base_dtype], shape)
+            with _torch_threads(DEQUANT_THREADS if on_cpu else None):
+                dequant.tile(files.raw(*stored), unit, row0, tile)
+        else:
+            tile = files.tensor(src, first, count).view(shape)
+            if unit.base_dtype != src.dtype:  # a base weight saved with the adapter: as loaded into the base
+                tile = tile.to(TORCH_DTYPES[unit.base_dtype])
+            if not on_cpu:
+                tile = work.get("in", tile.dtype, shape).copy_(tile)
+        if requant is not None:
+            result = work.get("requant", out_dtype, shape)
+            _compute(tile, factors, row0, acc, result, magnitude, adds, first)
+            packed = requant.tile(result, first)
+            buffer = out.acquire()
+            at = unit.offset + first // 2
+            start = aligned_start(at)
+            torch.frombuffer(buffer, dtype=torch.uint8, count=packed.numel(), offset=start).copy_(packed)
+            out.write(unit.shard, at, unit.name, buffer, packed.numel(), start)
+            written = packed.numel()
+        else:
+            buffer = out.acquire()
+            at = unit.offset + first * out_size
+            start = aligned_start(at, out_size)
+            host = torch.frombuffer(buffer, dtype=out_dtype, count=count, offset=start).view(shape)
+            result = host if on_cpu else work.get("out", out_dtype, shape)
+            _compute(tile, factors, row0, acc, result, magnitude, adds, first)
+            if not on_cpu:
+                host.copy_(result)
+            del host
+            out.write(unit.shard, at, unit.name, buffer, count * out_size, start)
+            written = count * out_size
+        del tile, result
+        files.release(*stored)
+        advance(written)
+    if requant is not None:
+        slots = {x.name: x for x in unit.extra}
+        for name, data in requant.statistics().items():
+            slot = slots[name]
+            if len(data) != slot.nbytes:
+                raise AssertionError(f"{name}: {len(data)} bytes, planned {slot.nbytes}")
+            out.write_bytes(unit.shard, slot.offset, name, data)
+
+
+def _compute(
+    tile: torch.Tensor,
+    factors: list[Factors],
+    row0: int,
+    acc: torch.Tensor | None,
+    result: torch.Tensor,
+    magnitude: torch.Tensor | None,
+    adds: list[tuple[torch.Tensor, float]],
+    first: int,
+) -> None:
+    """The merge of one tile into ``result`` (rounded once), or a plain conversion when nothing adapts it."""
+    if acc is not None:
+        merge_rows(tile, factors, row0, acc, result, magnitude)
+    elif adds:  # small 1-D tensors (biases): float64 sum, one rounding
+        total = tile.reshape(-1).to(ACCUMULATE, copy=True)
+        for vector, scale in adds:
+            total.add_(vector[first : first + total.numel()], alpha=scale)
+        result.view(-1).copy_(total)
+    else:
+        result.copy_(tile)
+
+
+def _load_vector(files: SourceFiles, src: Source, device: torch.device) -> torch.Tensor:
+    """A small 1-D tensor (DoRA magnitude, LoRA bias) in float64."""
+    t = files.tensor(src, 0, math.prod(src.shape)).to(device=device, dtype=ACCUMULATE, copy=True)
+    files.release(src.file, src.offset, src.nbytes)
+    return t
 
 
 def _peak_rss_bytes() -> int:
@@ -223,7 +561,16 @@ def run(
     check_inputs_unchanged(plan)
     check_output(plan.out, [plan.base, *plan.adapters], plan.overwrite)
     preflight.check(plan)
-    backends = _Backends(plan, device or plan.device, vram_budget)
+    dev = resolve_device(device or plan.device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # no TF32 shortcuts: the CPU's exact arithmetic
+        free, _ = torch.cuda.mem_get_info()
+        budget = vram_budget if vram_budget is not None else int(free * VRAM_FRACTION)
+        if plan.estimate.peak_device_bytes > budget:
+            raise BudgetTooSmall(
+                f"{plan.out}: the merge needs {plan.estimate.peak_device_bytes} bytes of GPU memory, the budget is {budget} "
+                f"({free} free); plan with --vram-budget (smaller tiles) or use --device cpu"
+            )
     total = sum(u.nbytes for u in plan.units)
     done = 0
 
@@ -239,6 +586,11 @@ def run(
     consumed = 0
     writer = Writer(plan, resume=resume)
     files = SourceFiles()
+    work = Workspace(dev)
+    threads = torch.get_num_threads()
+    # One core merges (cache-sized chunks do not gain from more threads); the writer thread
+    # keeps the other core busy with the disk.
+    torch.set_num_threads(1)
     queue: WriteQueue | None = None
     prefetch: Prefetcher | None = None
     try:
@@ -247,18 +599,16 @@ def run(
         resumed = len(writer.done)
         todo = [u for i, u in enumerate(plan.units) if i not in writer.done]
         prefetch = Prefetcher(files, tile_ranges(todo))
-        for index, unit in enumerate(plan.units):
-            current = unit.name
-            if index in writer.done:  # finished by the interrupted run this one resumes
-                advance(unit.nbytes + sum(x.nbytes for x in unit.extra))
-            else:
-                if unit.op == "copy":
-                    _copy_unit(unit, files, queue, advance)
+        with torch.inference_mode():
+            for index, unit in enumerate(plan.units):
+                current = unit.name
+                if index in writer.done:  # finished by the interrupted run this one resumes
+                    advance(unit.nbytes + sum(x.nbytes for x in unit.extra))
                 else:
-                    backends.for_unit(unit).run_unit(unit, files, queue, advance, prefetch.ready)
-                queue.commit(unit, index)
-            consumed += unit.source.nbytes + sum(t.a.nbytes + t.b.nbytes for t in unit.lora)
-            ahead.advance(consumed)
+                    _run_unit(unit, files, queue, work, advance, prefetch.ready)
+                    queue.commit(unit, index)
+                consumed += unit.source.nbytes + sum(t.a.nbytes + t.b.nbytes for t in unit.lora)
+                ahead.advance(consumed)
         prefetch.close()
         queue.close()
         files.close()
@@ -277,11 +627,11 @@ def run(
             ) from e
         raise
     finally:
-        backends.close()
+        torch.set_num_threads(threads)
         ahead.close()
     return Report(
         out=plan.out,
-        device=backends.device,
+        device=str(dev),
         seconds=time.perf_counter() - start,
         bytes_written=sum(s.size for s in plan.shards),
         units=dict(Counter(u.op for u in plan.units)),

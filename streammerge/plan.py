@@ -64,11 +64,6 @@ and 4-bit dequantization while the disk threads run, importing torch. Computing 
 disk, so the estimate is the slower of the two plus the start-up."""
 RUNTIME_BASE_BYTES = 400 * 2**20
 """Resident memory of the interpreter with torch imported, before any tensor (measured ~230 MB, padded)."""
-NUMPY_DTYPES = ("F16", "BF16", "F32", "F64")
-"""Float dtypes the numpy compute backend reads and writes."""
-GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
-"""Device files a CUDA (NVIDIA), ROCm (AMD) or WSL GPU needs. Without any of them torch cannot see a
-GPU, so ``--device auto`` computes on the CPU (and numpy may start before torch is imported)."""
 BNB_IMPORT_BYTES = 160 * 2**20
 """Importing bitsandbytes (only for merged_4bit output) adds ~120 MB of resident memory here."""
 PER_UNIT_BOOKKEEPING_BYTES = 4096
@@ -985,7 +980,7 @@ def _unit_spec(
     chunk_rows = max(1, min(tile_rows, ACC_CHUNK_BYTES // max(1, row_elems * ACC_SIZE))) if op == "merge" else tile_rows
     work = 0 if op == "copy" else tile_rows * row_cost + sum(_factor_bytes(term) for term in lora)
     if op == "merge":
-        work += 2 * chunk_rows * row_elems * ACC_SIZE  # accumulator and product chunk
+        work += chunk_rows * row_elems * ACC_SIZE
     if quant is not None:
         work += quant.stats_bytes()
     out_shape: tuple[int, ...] = shape
@@ -1119,31 +1114,6 @@ def check_inputs_unchanged(p: Plan) -> None:
             raise PlanMismatch(f"{fp.path}: input changed since the plan was made (size or mtime); plan again")
 
 
-def gpu_present() -> bool:
-    """Whether this machine could have a GPU torch sees (its device files exist)."""
-    return any(os.path.exists(p) for p in GPU_DEVICE_NODES)
-
-
-def runs_on_cpu(device: str) -> bool:
-    """Whether ``device`` ("auto", "cpu", "cuda") computes on this machine's CPU."""
-    return device == "cpu" or (device == "auto" and not gpu_present())
-
-
-def torch_reason(unit: WorkUnit) -> str | None:
-    """Why computing ``unit`` needs the torch backend (None: the numpy backend can compute it on the CPU)."""
-    if unit.quant is not None:
-        return f"its base weight is {unit.quant.kind}-quantized"
-    if unit.requant is not None:
-        return "it is re-quantized to 4 bit"
-    sources = [unit.source, *(t.a for t in unit.lora), *(t.b for t in unit.lora), *(a.source for a in unit.adds)]
-    if unit.magnitude is not None:
-        sources.append(unit.magnitude)
-    for dtype in [unit.base_dtype, unit.out_dtype, *(s.dtype for s in sources)]:
-        if dtype not in NUMPY_DTYPES:
-            return f"dtype {dtype}"
-    return None
-
-
 def out_tile_bytes(units: tuple[WorkUnit, ...] | list[WorkUnit]) -> int:
     """Size of one output tile buffer: the largest output tile of any computed unit."""
     return max((u.tile_rows * u.row_elems * DTYPE_SIZES[u.out_dtype] for u in units if u.op != "copy"), default=0)
@@ -1199,7 +1169,7 @@ def estimate_run(
     prefetched = PREFETCH_TILES * in_tile_bytes(units)
     buffers = (
         WRITE_BUFFERS * (out_tile_bytes(units) + WRITE_ALIGN)
-        + 2 * acc_chunk_bytes(units)  # the accumulator, and the numpy backend's product chunk
+        + acc_chunk_bytes(units)
         + dequant_tile
         + requant_tile
         + COPY_FALLBACK_BYTES

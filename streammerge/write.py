@@ -25,7 +25,7 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from streammerge.errors import OutputError, PlanMismatch, StreamMergeError
 from streammerge.formats.checkpoint import CONFIG_NAME, INDEX_NAME
@@ -432,17 +432,6 @@ def _remove(path: str) -> None:
 
 
 Buffer = bytearray | mmap.mmap
-
-
-class Sink(Protocol):
-    """Where a unit's bytes go: the background :class:`WriteQueue`, or memory (``execute.compute_unit``)."""
-
-    def acquire(self) -> Buffer: ...
-    def write(self, shard: int, offset: int, tensor: str, buffer: Buffer, nbytes: int, start: int = 0) -> None: ...
-    def write_bytes(self, shard: int, offset: int, tensor: str, data: bytes) -> None: ...
-    def copy(self, shard: int, offset: int, tensor: str, src_fd: int, src_offset: int, nbytes: int) -> None: ...
-
-
 """A writable output buffer: the pool's are page-aligned anonymous mappings."""
 
 

@@ -213,11 +213,3 @@ def cli() -> Callable[..., Any]:
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
-
-
-@pytest.fixture(params=["numpy", "torch"])
-def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test once per compute backend: ``numpy`` computes every unit it can, ``torch`` all of them."""
-    param: str = request.param
-    monkeypatch.setenv("STREAMMERGE_BACKEND", param)
-    return param

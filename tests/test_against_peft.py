@@ -20,8 +20,6 @@ from tests.conftest import (
     reference_merge,
 )
 
-pytestmark = pytest.mark.usefixtures("backend")  # each test once per compute backend
-
 
 def merge(base: Path, adapters: list[Path], out: Path, **kwargs: object) -> streammerge.Plan:
     p = streammerge.plan(base, [str(a) for a in adapters], out=out, **kwargs)  # type: ignore[arg-type]

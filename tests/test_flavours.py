@@ -11,8 +11,6 @@ import torch
 import streammerge
 from tests.conftest import assert_merged_exact, load_folder, make_llama, make_lora, read_json
 
-pytestmark = pytest.mark.usefixtures("backend")  # each test once per compute backend
-
 
 def merge(base: Path, adapters: list[Path], out: Path, **kwargs: Any) -> dict[str, torch.Tensor]:
     streammerge.run(streammerge.plan(base, [str(a) for a in adapters], out=out, **kwargs))

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from streammerge.sources import Prefetcher, SourceFiles
+from streammerge.execute import Prefetcher, SourceFiles
 
 
 class _Files(SourceFiles):

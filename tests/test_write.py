@@ -51,11 +51,11 @@ def test_abort_removes_partial_output(llama_base: Path, llama_lora: Path, tmp_pa
 def test_failed_run_leaves_nothing_that_looks_complete(
     llama_base: Path, llama_lora: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from streammerge import compute_numpy
+    from streammerge import execute
 
     p = streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "out")
     calls = {"n": 0}
-    real = compute_numpy.merge_rows
+    real = execute.merge_rows
 
     def failing(*args: object, **kwargs: object) -> object:
         calls["n"] += 1
@@ -63,8 +63,7 @@ def test_failed_run_leaves_nothing_that_looks_complete(
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(compute_numpy, "merge_rows", failing)
-    monkeypatch.setenv("STREAMMERGE_BACKEND", "numpy")
+    monkeypatch.setattr(execute, "merge_rows", failing)
     with pytest.raises(
         OutputError, match=r"No space left on device; the finished part is kept in .*out.partial: run the same command with --resume"
     ):
