@@ -20,8 +20,9 @@ CPU and cached next to it; the adapter is the same. Then:
 * ``peft``        -- ``from_pretrained(4-bit, device_map="cpu")`` + ``model.dequantize()``
   + ``PeftModel.from_pretrained`` + ``merge_and_unload()`` + ``save_pretrained``.
 
-They run in that order (copy, copy-bf16, streammerge, peft), ``--repeat`` times each; the
-table shows medians. Peak RSS is the child's ``ru_maxrss`` as returned by ``os.wait4`` for that one child,
+They run in ``--repeat`` rounds, each running every method once in the order copy, copy-bf16,
+streammerge, peft, so that this kind of shared disk's drift over minutes affects every method
+alike; the table shows medians. Peak RSS is the child's ``ru_maxrss`` as returned by ``os.wait4`` for that one child,
 so measurements never leak into each other. Before every measurement the script runs
 ``sync`` and, when ``/proc/sys/vm/drop_caches`` is writable (root), drops the page cache
 ("cold"); otherwise the cache is warm and the report says so. "sync s" is the time the
@@ -401,32 +402,34 @@ def ensure_quantized(size: str, quant: str, model_dir: Path, bf16_base: Path, py
 # --------------------------------------------------------------------------- benchmark
 
 
-def bench_method(
+def bench_run(
     method: str,
+    index: int,
     args: argparse.Namespace,
     inputs: Inputs,
     workdir: Path,
     cold: bool,
-) -> MethodResult:
-    result = MethodResult(method)
+    result: MethodResult,
+) -> None:
+    """Run ``method`` once (run ``index``) and record it in ``result``; nothing once it has failed."""
+    if result.error is not None:
+        return
     out = workdir / f"out-{method}"
-    for i in range(args.repeat):
-        shutil.rmtree(out, ignore_errors=True)
-        prepare_cache(cold)
-        log = workdir / f"{method}-{i}.log"
-        run = measure(method_cmd(method, args.python, inputs, out), log)
-        print(
-            f"  {method} run {i + 1}/{args.repeat}: wall {run.wall_s:.2f} s, "
-            f"sync {run.sync_s:.2f} s, peak RSS {run.peak_rss_mb:.0f} MB, rc {run.returncode}",
-            flush=True,
-        )
-        if run.returncode != 0:
-            result.error = f"exit code {run.returncode}; log tail:\n{log_tail(log)}"
-            print(result.error)
-            return result
-        result.runs.append(run)
+    shutil.rmtree(out, ignore_errors=True)
+    prepare_cache(cold)
+    log = workdir / f"{method}-{index}.log"
+    run = measure(method_cmd(method, args.python, inputs, out), log)
+    print(
+        f"  {method} run {index + 1}/{args.repeat}: wall {run.wall_s:.2f} s, "
+        f"sync {run.sync_s:.2f} s, peak RSS {run.peak_rss_mb:.0f} MB, rc {run.returncode}",
+        flush=True,
+    )
+    if run.returncode != 0:
+        result.error = f"exit code {run.returncode}; log tail:\n{log_tail(log)}"
+        print(result.error)
+        return
+    result.runs.append(run)
     result.out_mb = safetensors_mb(out)
-    return result
 
 
 def verify(base: Path, sm_out: Path, peft_out: Path) -> dict[str, Any]:
@@ -663,7 +666,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--workdir", type=Path, help="work folder (default: a temp dir under /tmp)")
     p.add_argument("--keep", action="store_true", help="keep the built model and outputs")
-    p.add_argument("--repeat", type=int, default=1, help="runs per method; median is reported")
+    p.add_argument("--repeat", type=int, default=1, help="rounds, each running every method once; medians are reported")
     p.add_argument(
         "--only",
         help=f"comma-separated subset of {','.join(METHODS)} (default: all; {','.join(QUANT_ONLY)} needs --quant other than none)",
@@ -711,10 +714,12 @@ def main(argv: list[str]) -> int:
             qbase, builds[args.quant] = ensure_quantized(args.size, args.quant, model_dir, base, args.python)
             inputs = Inputs(args.quant, qbase, base, adapter)
         cold = not args.warm and can_drop_caches()
-        results: dict[str, MethodResult] = {}
-        for method in (m for m in METHODS if m in args.methods):
-            print(f"running {method} ...", flush=True)
-            results[method] = bench_method(method, args, inputs, workdir, cold)
+        methods = [m for m in METHODS if m in args.methods]
+        results = {m: MethodResult(m) for m in methods}
+        for i in range(args.repeat):  # rounds, so the disk's drift over time hits every method alike
+            print(f"round {i + 1}/{args.repeat}: {', '.join(methods)}", flush=True)
+            for method in methods:
+                bench_run(method, i, args, inputs, workdir, cold, results[method])
         info = machine_info()
         base_mb, bf16_mb = safetensors_mb(inputs.base), safetensors_mb(base)
         print()
