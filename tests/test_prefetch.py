@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -50,3 +51,37 @@ def test_a_dead_thread_leaves_the_merge_to_map_tiles_itself() -> None:
         prefetch.ready(*r)  # returns: the tile is mapped by the caller instead
     prefetch.close()
     assert [c[:3] for c in files.calls if c[3] != "streammerge-prefetch"] == RANGES
+
+
+def test_without_libc_madvise_the_stdlib_call_does_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where libc cannot be loaded through ctypes, ``mmap.madvise`` (which holds the GIL) is used instead."""
+    from streammerge import execute
+
+    data = bytes(range(256)) * 64 * 1024  # 16 MiB
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    monkeypatch.setattr(execute, "_MADVISE", None)
+    files = SourceFiles()
+    try:
+        files.populate(str(path), 4096 * 3 + 5, 8 * 2**20)
+        assert files._populate_ok  # MADV_POPULATE_READ worked (Linux 5.14+)
+        assert bytes(files.raw(str(path), 100, 1000).numpy()) == data[100:1100]
+        files.release(str(path), 0, len(data))  # pages dropped, bytes still there
+        assert bytes(files.raw(str(path), len(data) - 10, 10).numpy()) == data[-10:]
+        assert not files._advise(str(path), 0, 4096, 12345)  # an advice the kernel refuses: False, not an error
+    finally:
+        files.close()
+
+
+def test_merge_without_libc_madvise_is_byte_identical(
+    llama_base: Path, llama_lora: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import streammerge
+    from streammerge import execute
+
+    first = streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "ctypes")
+    streammerge.run(first)
+    monkeypatch.setattr(execute, "_MADVISE", None)
+    second = streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "stdlib")
+    streammerge.run(second)
+    assert (tmp_path / "ctypes" / "model.safetensors").read_bytes() == (tmp_path / "stdlib" / "model.safetensors").read_bytes()
