@@ -607,7 +607,7 @@ def run(
                 else:
                     _run_unit(unit, files, queue, work, advance, prefetch.ready)
                     queue.commit(unit, index)
-                consumed += unit.source.nbytes + sum(t.a.nbytes + t.b.nbytes for t in unit.lora)
+                consumed += unit.read_bytes
                 ahead.advance(consumed)
         prefetch.close()
         queue.close()

@@ -237,6 +237,16 @@ class WorkUnit:
     """How several LoRA terms combine: "cat" sums the deltas; "linear" multiplies the weighted sums of
     the B's and of the A's (PEFT's ``linear``), each term's ``scale`` being its weight times its scaling."""
 
+    @property
+    def inputs(self) -> tuple[Source, ...]:
+        """The inputs the merge streams, in the order it reads them: the source, then each term's A and B.
+        The readahead and the executor both measure their position in these bytes."""
+        return (self.source, *(s for term in self.lora for s in (term.a, term.b)))
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(s.nbytes for s in self.inputs)
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -1184,7 +1194,7 @@ def estimate_run(
     )
     meta = len(json.dumps(config or {}, indent=2)) + 64 * len(units) + 4096
     output = sum(s.size for s in shards) + sum(os.path.getsize(c.src) for c in copy_files) + meta
-    read = sum(u.source.nbytes + sum(t.a.nbytes + t.b.nbytes for t in u.lora) for u in units)
+    read = sum(u.read_bytes for u in units)
     merged = sum(u.rows * u.row_elems for u in units if u.op == "merge")
     dequantized = sum(u.rows * u.row_elems for u in units if u.quant is not None)
     seconds = RATES["startup_s"] + max(

@@ -30,7 +30,7 @@ CHUNK_BYTES = 4 * 2**20
 def _ranges(plan: Plan, chunk: int) -> Iterator[tuple[str, int, int]]:
     """(file, offset, length) pieces of every input range, in the order the executor reads them."""
     for unit in plan.units:
-        for src in (unit.source, *(s for term in unit.lora for s in (term.a, term.b))):
+        for src in unit.inputs:
             for start in range(0, src.nbytes, chunk):
                 yield src.file, src.offset + start, min(chunk, src.nbytes - start)
 
