@@ -35,6 +35,7 @@ Usage (from the repository root)::
     .venv/bin/python bench/bench_merge.py --size 1b --repeat 3 --workdir /tmp/smb --keep
     .venv/bin/python bench/bench_merge.py --size 3b --only copy,streammerge --json out.json
     .venv/bin/python bench/bench_merge.py --size 1b --quant nf4 --workdir /tmp/smb --keep
+    python3 bench/bench_merge.py --size 3b --only copy,streammerge --device cuda --vram-budget 2GiB
 
 Without ``--workdir`` a temporary folder under /tmp is used and removed at the end unless
 ``--keep``. With ``--workdir`` only what this script creates inside it is removed (again
@@ -270,7 +271,7 @@ class Inputs:
     adapter: Path
 
 
-def method_cmd(method: str, python: str, inputs: Inputs, out: Path) -> list[str]:
+def method_cmd(method: str, python: str, inputs: Inputs, out: Path, device: str = "auto", vram_budget: str | None = None) -> list[str]:
     base, adapter = inputs.base, inputs.adapter
     if method == "copy":
         return self_cmd(python, "copy", str(base), str(out))
@@ -289,6 +290,9 @@ def method_cmd(method: str, python: str, inputs: Inputs, out: Path) -> list[str]
         str(out),
         "--quiet",
         "--overwrite",
+        "--device",
+        device,
+        *(["--vram-budget", vram_budget] if vram_budget else []),
     ]
 
 
@@ -418,7 +422,7 @@ def bench_run(
     shutil.rmtree(out, ignore_errors=True)
     prepare_cache(cold)
     log = workdir / f"{method}-{index}.log"
-    run = measure(method_cmd(method, args.python, inputs, out), log)
+    run = measure(method_cmd(method, args.python, inputs, out, args.device, args.vram_budget), log)
     print(
         f"  {method} run {index + 1}/{args.repeat}: wall {run.wall_s:.2f} s, "
         f"sync {run.sync_s:.2f} s, peak RSS {run.peak_rss_mb:.0f} MB, rc {run.returncode}",
@@ -600,6 +604,10 @@ def render(
     if args.quant != "none":
         lines.append(f"| streammerge time / copy-bf16 time (write floor) | {ratio(sm_t, cw_t)} | {ratio(sm_f, cw_f)} |")
     lines += [f"| streammerge RSS / PEFT RSS | {ratio(sm_r, pe_r)} | |", ""]
+    sm_out = results["streammerge"].out_mb if "streammerge" in results else None
+    if sm_t and sm_out:
+        budget = f", --vram-budget {args.vram_budget}" if args.vram_budget else ""
+        lines += [f"streammerge (--device {args.device}{budget}): {sm_out / 1024 / sm_t:.2f} GiB/s of merged output on wall time.", ""]
     parts = []
     for what, build in builds.items():
         name = "bf16 model + adapter" if what == "model" else f"{what} quantization (transformers, CPU)"
@@ -675,6 +683,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warm", action="store_true", help="never drop the page cache")
     p.add_argument("--no-verify", action="store_true", help="skip the output comparison")
     p.add_argument("--python", default=sys.executable, help="interpreter for the children")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="streammerge's --device (PEFT always runs on the CPU)")
+    p.add_argument("--vram-budget", help="streammerge's --vram-budget, e.g. 2GiB (default: its own)")
     args = p.parse_args(argv)
     allowed = [m for m in METHODS if args.quant != "none" or m not in QUANT_ONLY]
     args.methods = allowed if args.only is None else [m.strip() for m in args.only.split(",") if m.strip()]

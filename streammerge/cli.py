@@ -233,9 +233,14 @@ def _execute(p: Plan, quiet: bool, device: str | None, resume: bool = False, vra
     if not quiet:
         rate = report.bytes_written / max(report.seconds, 1e-9)
         units = ", ".join(f"{n} {op}" for op, n in sorted(report.units.items()))
+        vram = (
+            f" (peak VRAM {format_bytes(report.peak_device_bytes)} of a {format_bytes(report.device_budget_bytes)} budget)"
+            if report.device_budget_bytes
+            else ""
+        )
         click.echo(
-            f"wrote {report.out}: {format_bytes(report.bytes_written)} in {report.seconds:.1f} s ({format_bytes(int(rate))}/s) on {report.device}; "
-            f"{units}; peak RSS {format_bytes(report.peak_rss_bytes)}",
+            f"wrote {report.out}: {format_bytes(report.bytes_written)} in {report.seconds:.1f} s ({format_bytes(int(rate))}/s) "
+            f"on {report.device}{vram}; {units}; peak RSS {format_bytes(report.peak_rss_bytes)}",
             err=True,
         )
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import glob
 import math
 import mmap
 import os
@@ -22,7 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol, cast
+from typing import cast
 
 import torch
 
@@ -45,6 +46,7 @@ from streammerge.kernels import (
 from streammerge.plan import (
     NESTED_BLOCKSIZE,
     PREFETCH_TILES,
+    STAGING_SLOTS,
     LoraTerm,
     Plan,
     QuantSpec,
@@ -52,10 +54,12 @@ from streammerge.plan import (
     WorkUnit,
     check_inputs_unchanged,
     check_output,
+    in_tile_bytes,
     out_tile_bytes,
     quant_state_bytes,
 )
 from streammerge.readahead import Readahead
+from streammerge.staging import Sink, Staging, pinned_buffer
 from streammerge.write import ALIGN, Buffer, WriteQueue, Writer, aligned_start
 
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
@@ -85,15 +89,40 @@ class Report:
     units: dict[str, int]
     peak_rss_bytes: int
     notes: tuple[str, ...] = field(default=())
+    peak_device_bytes: int = 0
+    """GPU runs: the most memory torch's allocator reserved during the run (0 on the CPU)."""
+    device_budget_bytes: int = 0
+    """GPU runs: the VRAM budget the run was held to (0 on the CPU)."""
 
 
-def resolve_device(requested: str) -> torch.device:
-    """``auto`` means CUDA when torch sees a GPU, else CPU; ``cuda`` without a GPU is an error."""
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
+def resolve_device(requested: str) -> tuple[torch.device, str | None]:
+    """The device to merge on, and a note when ``auto`` had to fall back to the CPU.
+
+    ``auto`` means CUDA when torch can start it, else the CPU; the note says why when a GPU seemed
+    to be there (torch sees one, torch is a CUDA build, or there is an NVIDIA device node) but
+    could not be used. ``cuda``
+    without a usable GPU is an error.
+    """
+    if requested == "cpu":
+        return torch.device("cpu"), None
+    problem = _cuda_problem()
+    if problem is None:
+        return torch.device("cuda"), None
+    if requested == "cuda":
+        raise StreamMergeError(f"device 'cuda' was asked for but {problem}; use --device cpu or auto")
+    expected = torch.cuda.is_available() or torch.version.cuda is not None or bool(glob.glob("/dev/nvidia[0-9]*"))
+    return torch.device("cpu"), (f"no usable GPU ({problem}): merged on the CPU" if expected else None)
+
+
+def _cuda_problem() -> str | None:
+    """Why torch cannot merge on a GPU here, or None when it can (the CUDA context starts)."""
     if not torch.cuda.is_available():
-        raise StreamMergeError("device 'cuda' was asked for but torch sees no usable GPU; use --device cpu or auto")
-    return torch.device("cuda")
+        return f"torch {torch.__version__} sees no CUDA device"
+    try:
+        torch.cuda.mem_get_info()  # starts the context: a driver or architecture mismatch shows here
+    except RuntimeError as e:
+        return f"CUDA does not start: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+    return None
 
 
 def _libc_madvise() -> Callable[[int, int, int], int] | None:
@@ -380,15 +409,6 @@ class _Requantizer:
         return out
 
 
-class Sink(Protocol):
-    """Where a unit's bytes go: the background :class:`WriteQueue`, or memory (``compute_unit``)."""
-
-    def acquire(self) -> Buffer: ...
-    def write(self, shard: int, offset: int, tensor: str, buffer: Buffer, nbytes: int, start: int = 0) -> None: ...
-    def write_bytes(self, shard: int, offset: int, tensor: str, data: bytes) -> None: ...
-    def copy(self, shard: int, offset: int, tensor: str, src_fd: int, src_offset: int, nbytes: int) -> None: ...
-
-
 class _MemorySink:
     """Collects one unit's main tensor in memory."""
 
@@ -411,26 +431,46 @@ class _MemorySink:
     def copy(self, shard: int, offset: int, tensor: str, src_fd: int, src_offset: int, nbytes: int) -> None:
         self.write(shard, offset, tensor, bytearray(os.pread(src_fd, nbytes, src_offset)), nbytes)
 
+    def commit(self, unit: WorkUnit, index: int) -> None:
+        return None
+
 
 def compute_unit(plan: Plan, index: int, device: str = "cpu") -> bytes:
     """The bytes unit ``index`` of ``plan`` would write for its tensor, computed in memory (for verify)."""
     unit = plan.units[index]
     sink = _MemorySink(unit, max(out_tile_bytes(plan.units), 1))
     files = SourceFiles()
+    dev, _ = resolve_device(device)
     try:
         with torch.inference_mode():
-            _run_unit(unit, files, sink, Workspace(resolve_device(device)), lambda n: None)
+            if _staged(dev):
+                staging = Staging(sink, dev, in_tile_bytes([unit]))
+                _run_unit(unit, files, staging, Workspace(dev), lambda n: None)
+                staging.flush()
+            else:
+                _run_unit(unit, files, sink, Workspace(dev), lambda n: None)
     finally:
         files.close()
     return bytes(sink.data)
+
+
+def _staged(device: torch.device) -> bool:
+    """Whether tiles go through pinned :class:`~streammerge.staging.Staging` (on a GPU) or are merged in place."""
+    return device.type != "cpu"
 
 
 def _run_unit(
     unit: WorkUnit, files: SourceFiles, out: Sink, work: Workspace, advance: Callable[[int], None], pages: Pages | None = None
 ) -> None:
     """Compute (or copy) one unit into ``out``. ``pages(path, offset, nbytes)`` is called before each
-    tile's input is read (a :meth:`Prefetcher.ready`); by default the tile is mapped in right then."""
+    tile's input is read (a :meth:`Prefetcher.ready`); by default the tile is mapped in right then.
+
+    With a :class:`Staging` sink (GPU runs) each tile's input goes to ``work.device`` through its
+    pinned slots and the result comes back asynchronously; otherwise the tile is merged on the CPU,
+    straight from the mapped input into the output buffer.
+    """
     src = unit.source
+    stage = out if isinstance(out, Staging) else None
     pages = pages or files.populate
     if unit.op == "copy":
         fd, _ = files.get(src.file)
@@ -456,16 +496,18 @@ def _run_unit(
         shape = (n, unit.row_elems)
         stored = tile_range(unit, row0, n)
         pages(*stored)
+        raw = files.raw(*stored)
+        if stage is not None:
+            raw = stage.to_device(raw, work.get("staged", torch.uint8, (stored[2],)))
         if dequant is not None:
             tile = work.get("dequant", TORCH_DTYPES[unit.base_dtype], shape)
             with _torch_threads(DEQUANT_THREADS if on_cpu else None):
-                dequant.tile(files.raw(*stored), unit, row0, tile)
+                dequant.tile(raw, unit, row0, tile)
         else:
-            tile = files.tensor(src, first, count).view(shape)
+            tile = raw.view(TORCH_DTYPES[src.dtype]).view(shape)
             if unit.base_dtype != src.dtype:  # a base weight saved with the adapter: as loaded into the base
                 tile = tile.to(TORCH_DTYPES[unit.base_dtype])
-            if not on_cpu:
-                tile = work.get("in", tile.dtype, shape).copy_(tile)
+        del raw
         if requant is not None:
             result = work.get("requant", out_dtype, shape)
             _compute(tile, factors, row0, acc, result, magnitude, adds, first)
@@ -481,12 +523,13 @@ def _run_unit(
             at = unit.offset + first * out_size
             start = aligned_start(at, out_size)
             host = torch.frombuffer(buffer, dtype=out_dtype, count=count, offset=start).view(shape)
-            result = host if on_cpu else work.get("out", out_dtype, shape)
+            result = host if stage is None else work.get("out", out_dtype, shape)
             _compute(tile, factors, row0, acc, result, magnitude, adds, first)
-            if not on_cpu:
-                host.copy_(result)
+            if stage is not None:
+                stage.write_from_device(result, host, unit.shard, at, unit.name, buffer, start)
+            else:
+                out.write(unit.shard, at, unit.name, buffer, count * out_size, start)
             del host
-            out.write(unit.shard, at, unit.name, buffer, count * out_size, start)
             written = count * out_size
         del tile, result
         files.release(*stored)
@@ -529,6 +572,40 @@ def _load_vector(files: SourceFiles, src: Source, device: torch.device) -> torch
     return t
 
 
+class _VramCap:
+    """The GPU memory budget of a run, checked against the plan and enforced on torch's allocator.
+
+    The budget is ``vram_budget`` or :data:`VRAM_FRACTION` of the memory free when the run starts.
+    A plan whose estimate exceeds it is refused before anything is written; during the run the
+    caching allocator may reserve at most the budget on top of what the process already held
+    (``set_per_process_memory_fraction``), so a wrong estimate fails with an error, never by
+    taking more. :meth:`lift` restores the previous fraction.
+    """
+
+    def __init__(self, plan: Plan, vram_budget: int | None) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = False  # no TF32 shortcuts: the CPU's exact arithmetic
+        free, total = torch.cuda.mem_get_info()
+        self.budget = vram_budget if vram_budget is not None else int(free * VRAM_FRACTION)
+        if plan.estimate.peak_device_bytes > self.budget:
+            raise BudgetTooSmall(
+                f"{plan.out}: the merge needs {plan.estimate.peak_device_bytes} bytes of GPU memory, the budget is {self.budget} "
+                f"({free} free); plan with --vram-budget (smaller tiles) or use --device cpu"
+            )
+        getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+        self._before = float(getter()) if getter is not None else 1.0
+        allowed = torch.cuda.memory_reserved() + self.budget
+        torch.cuda.set_per_process_memory_fraction(min(1.0, allowed / total))
+        torch.cuda.reset_peak_memory_stats()
+        self._held = torch.cuda.memory_reserved()
+
+    def peak(self) -> int:
+        """The most the allocator reserved beyond what the process held when the run started."""
+        return max(0, torch.cuda.max_memory_reserved() - self._held)
+
+    def lift(self) -> None:
+        torch.cuda.set_per_process_memory_fraction(self._before)
+
+
 def _peak_rss_bytes() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
@@ -561,16 +638,8 @@ def run(
     check_inputs_unchanged(plan)
     check_output(plan.out, [plan.base, *plan.adapters], plan.overwrite)
     preflight.check(plan)
-    dev = resolve_device(device or plan.device)
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False  # no TF32 shortcuts: the CPU's exact arithmetic
-        free, _ = torch.cuda.mem_get_info()
-        budget = vram_budget if vram_budget is not None else int(free * VRAM_FRACTION)
-        if plan.estimate.peak_device_bytes > budget:
-            raise BudgetTooSmall(
-                f"{plan.out}: the merge needs {plan.estimate.peak_device_bytes} bytes of GPU memory, the budget is {budget} "
-                f"({free} free); plan with --vram-budget (smaller tiles) or use --device cpu"
-            )
+    dev, fallback = resolve_device(device or plan.device)
+    cap = _VramCap(plan, vram_budget) if dev.type == "cuda" else None
     total = sum(u.nbytes for u in plan.units)
     done = 0
 
@@ -595,7 +664,12 @@ def run(
     prefetch: Prefetcher | None = None
     try:
         writer.open()
-        queue = WriteQueue(writer, plan.write_buffers, out_tile_bytes(plan.units))
+        staged = _staged(dev)
+        pool = pinned_buffer if staged and dev.type == "cuda" else None
+        queue = WriteQueue(writer, plan.write_buffers, out_tile_bytes(plan.units), allocate=pool)
+        # On a GPU, up to two merged tiles may be on their way back while the next is staged.
+        keep = max(1, min(2, plan.write_buffers - 1))
+        sink: Sink = Staging(queue, dev, in_tile_bytes(plan.units), slots=STAGING_SLOTS, keep=keep) if staged else queue
         resumed = len(writer.done)
         todo = [u for i, u in enumerate(plan.units) if i not in writer.done]
         prefetch = Prefetcher(files, tile_ranges(todo))
@@ -605,10 +679,12 @@ def run(
                 if index in writer.done:  # finished by the interrupted run this one resumes
                     advance(unit.nbytes + sum(x.nbytes for x in unit.extra))
                 else:
-                    _run_unit(unit, files, queue, work, advance, prefetch.ready)
-                    queue.commit(unit, index)
+                    _run_unit(unit, files, sink, work, advance, prefetch.ready)
+                    sink.commit(unit, index)
                 consumed += unit.read_bytes
                 ahead.advance(consumed)
+            if isinstance(sink, Staging):
+                sink.flush()
         prefetch.close()
         queue.close()
         files.close()
@@ -621,14 +697,23 @@ def run(
             queue.flush_on_failure()
         files.close()
         kept = writer.abort()
-        if kept and isinstance(e, (StreamMergeError, OSError)):
+        error: BaseException = e
+        if cap is not None and isinstance(e, torch.OutOfMemoryError):
+            error = BudgetTooSmall(
+                f"{plan.out}: the GPU memory budget ({cap.budget} bytes) ran out at {current}; plan with a smaller --vram-budget"
+            )
+        if kept and isinstance(error, (StreamMergeError, OSError)):
             raise OutputError(
-                f"{e}; the finished part is kept in {writer.partial}: run the same command with --resume to continue, or remove it"
+                f"{error}; the finished part is kept in {writer.partial}: run the same command with --resume to continue, or remove it"
             ) from e
+        if error is not e:
+            raise error from e
         raise
     finally:
         torch.set_num_threads(threads)
         ahead.close()
+        if cap is not None:
+            cap.lift()
     return Report(
         out=plan.out,
         device=str(dev),
@@ -636,5 +721,9 @@ def run(
         bytes_written=sum(s.size for s in plan.shards),
         units=dict(Counter(u.op for u in plan.units)),
         peak_rss_bytes=_peak_rss_bytes(),
-        notes=plan.notes + ((f"resumed: {resumed} of {len(plan.units)} units were already done",) if resumed else ()),
+        notes=plan.notes
+        + ((fallback,) if fallback else ())
+        + ((f"resumed: {resumed} of {len(plan.units)} units were already done",) if resumed else ()),
+        peak_device_bytes=cap.peak() if cap is not None else 0,
+        device_budget_bytes=cap.budget if cap is not None else 0,
     )

@@ -10,6 +10,7 @@ plain frozen data that round-trips through JSON; the executor makes no layout de
 from __future__ import annotations
 
 import dataclasses
+import glob
 import importlib.util
 import json
 import math
@@ -66,6 +67,13 @@ RUNTIME_BASE_BYTES = 400 * 2**20
 """Resident memory of the interpreter with torch imported, before any tensor (measured ~230 MB, padded)."""
 BNB_IMPORT_BYTES = 160 * 2**20
 """Importing bitsandbytes (only for merged_4bit output) adds ~120 MB of resident memory here."""
+CUDA_RUNTIME_BYTES = 1536 * 2**20
+"""A GPU run's extra resident memory: the CUDA context, cuBLAS and torch's CUDA kernels mapped in."""
+DEVICE_ALLOCATOR_SLACK_BYTES = 64 * 2**20
+"""What torch's CUDA caching allocator may reserve beyond the live buffers of a GPU run: it carves
+allocations of 1-10 MiB from 20 MiB segments and rounds larger ones up to 2 MiB."""
+STAGING_SLOTS = 2
+"""Pinned host slots an input tile passes through on its way to the GPU (:mod:`streammerge.staging`)."""
 PER_UNIT_BOOKKEEPING_BYTES = 4096
 """Plan objects and progress state per work unit, resident for the whole run."""
 TOKENIZER_FILE_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "chat_template", "vocab", "merges")
@@ -1139,6 +1147,12 @@ def acc_chunk_bytes(units: tuple[WorkUnit, ...] | list[WorkUnit]) -> int:
     return max((u.chunk_rows * u.row_elems * ACC_SIZE for u in units if u.op == "merge"), default=0)
 
 
+def merges_on_gpu(device: str) -> bool:
+    """Whether a plan for ``device`` will run on a GPU here: ``cuda``, or ``auto`` where an NVIDIA
+    device node exists (the planner does not import torch to ask)."""
+    return device == "cuda" or (device == "auto" and bool(glob.glob("/dev/nvidia[0-9]*")))
+
+
 def estimate_run(
     units: list[WorkUnit], shards: list[Shard], copy_files: list[CopyFile], config: dict[str, Any] | None, tile_bytes: int, device: str
 ) -> Estimate:
@@ -1146,7 +1160,8 @@ def estimate_run(
 
     Peak RSS = runtime (interpreter + torch) + per-unit bookkeeping + the reusable buffers (the
     output tiles in flight, the accumulator, the copy chunk, the input tiles mapped ahead) + the
-    largest transient: one tile of mapped source pages plus one unit's LoRA factors.
+    largest transient: one tile of mapped source pages plus one unit's LoRA factors. A run on a
+    GPU adds the CUDA runtime and the pinned staging slots.
     """
     largest = max(units, key=lambda u: u.work_bytes)
 
@@ -1188,9 +1203,14 @@ def estimate_run(
     host = RUNTIME_BASE_BYTES + PER_UNIT_BOOKKEEPING_BYTES * len(units) + buffers + peak_transient
     if any(u.requant for u in units):
         host += BNB_IMPORT_BYTES
-    # On a GPU: the staged input tile, the output tile, the accumulator and the factors.
+    if computed and merges_on_gpu(device):
+        host += CUDA_RUNTIME_BYTES + STAGING_SLOTS * in_tile_bytes(units)
+    # On a GPU: the staged input tile, the output tile, the accumulator and the factors, and what
+    # the caching allocator reserves around them.
     device_bytes = (
-        0 if device == "cpu" or not computed else out_tile_bytes(units) + acc_chunk_bytes(units) + 2 * requant_tile + peak_transient
+        0
+        if device == "cpu" or not computed
+        else out_tile_bytes(units) + acc_chunk_bytes(units) + 2 * requant_tile + peak_transient + DEVICE_ALLOCATOR_SLACK_BYTES
     )
     meta = len(json.dumps(config or {}, indent=2)) + 64 * len(units) + 4096
     output = sum(s.size for s in shards) + sum(os.path.getsize(c.src) for c in copy_files) + meta

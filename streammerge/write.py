@@ -24,6 +24,7 @@ import shutil
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -431,8 +432,13 @@ def _remove(path: str) -> None:
             os.remove(path)
 
 
-Buffer = bytearray | mmap.mmap
-"""A writable output buffer: the pool's are page-aligned anonymous mappings."""
+Buffer = bytearray | mmap.mmap | memoryview
+"""A writable output buffer: the pool's are page-aligned anonymous mappings, or on a GPU run
+page-aligned views of pinned memory (see ``WriteQueue(allocate=...)``)."""
+
+
+def _anonymous_map(nbytes: int) -> Buffer:
+    return mmap.mmap(-1, nbytes)
 
 
 @dataclass(frozen=True)
@@ -481,12 +487,15 @@ class WriteQueue:
     ``buffers`` tiles exist at once, so memory stays bounded however fast the merge runs. Jobs run
     in order, so each tensor's CRC-32 is computed over its bytes in order, and :meth:`commit`
     journals a unit after all its writes. An error in the thread is raised in the caller at the
-    next call.
+    next call. ``allocate(nbytes)`` makes a pool buffer (page-aligned, ``nbytes`` long); by
+    default an anonymous mapping.
     """
 
-    def __init__(self, writer: Writer, buffers: int, buffer_bytes: int) -> None:
+    def __init__(self, writer: Writer, buffers: int, buffer_bytes: int, allocate: Callable[[int], Buffer] | None = None) -> None:
         self.writer = writer
         self.buffer_bytes = buffer_bytes
+        self.buffers = buffers
+        self._allocate = allocate or _anonymous_map
         self._free: queue.Queue[Buffer] = queue.Queue()
         self._unmade = buffers if buffer_bytes else 0
         self._jobs: queue.Queue[_Write | _Copy | _Commit | None] = queue.Queue()
@@ -510,7 +519,7 @@ class WriteQueue:
         self._check()
         if self._free.empty() and self._unmade:
             self._unmade -= 1
-            return mmap.mmap(-1, self.buffer_bytes + ALIGN)
+            return self._allocate(self.buffer_bytes + ALIGN)
         while True:
             try:
                 return self._free.get(timeout=0.1)

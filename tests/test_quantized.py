@@ -249,6 +249,11 @@ def test_merged_4bit_from_16bit_base(tmp_path: Path) -> None:
     assert header["lm_head.weight"] == ("BF16", (128, 64))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m4", device_map="cpu")
     assert type(model.model.layers[1].mlp.down_proj).__name__ == "Linear4bit"
+    for module in model.modules():
+        # bitsandbytes 0.50's AVX512-BF16 CPU path repacks weights and asserts out_features % 32 == 0,
+        # which this tiny model's k/v projections (16 rows) fail; the generic path runs any shape.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
     _within_one_step(tmp_path / "m4", merged16, quantized)
