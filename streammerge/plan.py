@@ -67,9 +67,12 @@ RUNTIME_BASE_BYTES = 400 * 2**20
 """Resident memory of the interpreter with torch imported, before any tensor (measured ~230 MB, padded)."""
 BNB_IMPORT_BYTES = 160 * 2**20
 """Importing bitsandbytes (only for merged_4bit output) adds ~120 MB of resident memory here."""
-CUDA_RUNTIME_BYTES = 1024 * 2**20
-"""A GPU run's extra resident memory: the CUDA context, cuBLAS and torch's CUDA kernels mapped in
-(a whole 1B run peaked at 917 MB on an H200 with torch 2.11+cu130, against 361 MB on the CPU)."""
+TORCH_GPU_BUILD_BYTES = 384 * 2**20
+"""Importing a CUDA (or ROCm) build of torch maps more than the CPU build, GPU or not: the same
+CPU run peaked at 524 MiB with torch 2.11+cu130 against 249 MiB with 2.13.0+cpu."""
+CUDA_RUNTIME_BYTES = 512 * 2**20
+"""A GPU run's resident memory beyond that: the CUDA context and cuBLAS (a whole 1B run on an H200
+peaked at 875 MiB: 344 MiB on the CPU build, ~275 MiB for the CUDA build, the staging slots, the rest)."""
 DEVICE_ALLOCATOR_SLACK_BYTES = 64 * 2**20
 """What torch's CUDA caching allocator may reserve beyond the live buffers of a GPU run: it carves
 allocations of 1-10 MiB from 20 MiB segments and rounds larger ones up to 2 MiB."""
@@ -1148,6 +1151,15 @@ def acc_chunk_bytes(units: tuple[WorkUnit, ...] | list[WorkUnit]) -> int:
     return max((u.chunk_rows * u.row_elems * ACC_SIZE for u in units if u.op == "merge"), default=0)
 
 
+def torch_is_gpu_build() -> bool:
+    """Whether the installed torch is a CUDA or ROCm build (its GPU libraries are on disk), without importing it."""
+    spec = importlib.util.find_spec("torch")
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    return any(
+        glob.glob(os.path.join(folder, "lib", pattern)) for folder in folders for pattern in ("libtorch_cuda*.so*", "libtorch_hip*.so*")
+    )
+
+
 def merges_on_gpu(device: str) -> bool:
     """Whether a plan for ``device`` will run on a GPU here: ``cuda``, or ``auto`` where an NVIDIA
     device node exists (the planner does not import torch to ask)."""
@@ -1161,8 +1173,8 @@ def estimate_run(
 
     Peak RSS = runtime (interpreter + torch) + per-unit bookkeeping + the reusable buffers (the
     output tiles in flight, the accumulator, the copy chunk, the input tiles mapped ahead) + the
-    largest transient: one tile of mapped source pages plus one unit's LoRA factors. A run on a
-    GPU adds the CUDA runtime and the pinned staging slots.
+    largest transient: one tile of mapped source pages plus one unit's LoRA factors. A GPU build
+    of torch costs more at import; a run on a GPU adds the CUDA runtime and the pinned staging slots.
     """
     largest = max(units, key=lambda u: u.work_bytes)
 
@@ -1204,6 +1216,8 @@ def estimate_run(
     host = RUNTIME_BASE_BYTES + PER_UNIT_BOOKKEEPING_BYTES * len(units) + buffers + peak_transient
     if any(u.requant for u in units):
         host += BNB_IMPORT_BYTES
+    if torch_is_gpu_build():
+        host += TORCH_GPU_BUILD_BYTES
     if computed and merges_on_gpu(device):
         host += CUDA_RUNTIME_BYTES + STAGING_SLOTS * in_tile_bytes(units)
     # On a GPU: the staged input tile, the output tile, the accumulator and the factors, and what

@@ -183,7 +183,7 @@ def peak_rss_of(cmd: list[str]) -> int:
         "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))}
     return int(subprocess.run([sys.executable, "-c", launcher, *cmd], check=True, env=env, capture_output=True, text=True).stdout)
 
 

@@ -168,3 +168,22 @@ def test_other_quantization_methods_are_refused(tmp_path: Path, llama_lora: Path
     (base / "config.json").write_text(json.dumps(config))
     with pytest.raises(BadCheckpoint, match="quantized with gptq"):
         streammerge.plan(base, [str(llama_lora)], out=tmp_path / "out")
+
+
+def test_a_gpu_build_of_torch_raises_the_host_estimate(
+    llama_base: Path, llama_lora: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+    import importlib.machinery
+
+    plan_mod = importlib.import_module("streammerge.plan")  # the module (streammerge.plan is the function)
+
+    cpu_build = streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "o", device="cpu").estimate
+    (tmp_path / "torch" / "lib").mkdir(parents=True)
+    (tmp_path / "torch" / "lib" / "libtorch_cuda.so").touch()
+    spec = importlib.machinery.ModuleSpec("torch", None, is_package=True)
+    spec.submodule_search_locations = [str(tmp_path / "torch")]
+    monkeypatch.setattr(plan_mod.importlib.util, "find_spec", lambda name: spec if name == "torch" else None)
+    assert plan_mod.torch_is_gpu_build()
+    gpu_build = streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "o", device="cpu").estimate
+    assert gpu_build.peak_host_bytes == cpu_build.peak_host_bytes + plan_mod.TORCH_GPU_BUILD_BYTES

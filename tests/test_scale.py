@@ -14,6 +14,7 @@ import pytest
 
 import streammerge
 from streammerge.formats.safetensors import OutputTensor, build_header
+from streammerge.plan import CUDA_RUNTIME_BYTES, STAGING_SLOTS, in_tile_bytes
 
 SHAPES = {
     # hidden, intermediate, layers, kv heads x head dim, vocab
@@ -89,7 +90,7 @@ def sparse_model(root: Path, size: str) -> tuple[Path, Path]:
 def test_dry_run_at_scale_is_fast_and_bounded(tmp_path: Path, size: str, params: float) -> None:
     base, lora = sparse_model(tmp_path, size)
     start = time.perf_counter()
-    p = streammerge.plan(base, [str(lora)], out=tmp_path / "out", dtype="bf16")
+    p = streammerge.plan(base, [str(lora)], out=tmp_path / "out", dtype="bf16", device="cpu")
     elapsed = time.perf_counter() - start
     assert elapsed < 10, f"planning a {size} model took {elapsed:.1f} s"
     e = p.estimate
@@ -97,6 +98,10 @@ def test_dry_run_at_scale_is_fast_and_bounded(tmp_path: Path, size: str, params:
     assert abs(total - params) / params < 0.02
     assert e.units["merge"] == 7 * SHAPES[size][2]
     assert e.peak_host_bytes < 1 * 2**30  # bounded by a tile, not by a 2 GB (or 4 GB) tensor
+    gpu = streammerge.plan(base, [str(lora)], out=tmp_path / "out", dtype="bf16", device="cuda").estimate
+    staging = STAGING_SLOTS * in_tile_bytes(p.units)
+    assert gpu.peak_host_bytes == e.peak_host_bytes + CUDA_RUNTIME_BYTES + staging  # the CUDA runtime and the pinned slots
+    assert 0 < gpu.peak_device_bytes < 256 * 2**20  # a few tiles on the GPU, whatever the model
     assert e.output_bytes > 2 * params and e.seconds > 100
     assert len(p.shards) == pytest.approx(2 * params / 5e9, rel=0.2)
     # the plan itself stays small enough to save and reload
