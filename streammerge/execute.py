@@ -100,8 +100,7 @@ def resolve_device(requested: str) -> tuple[torch.device, str | None]:
 
     ``auto`` means CUDA when torch can start it, else the CPU; the note says why when a GPU seemed
     to be there (torch sees one, torch is a CUDA build, or there is an NVIDIA device node) but
-    could not be used. ``cuda``
-    without a usable GPU is an error.
+    could not be used. ``cuda`` without a usable GPU is an error.
     """
     if requested == "cpu":
         return torch.device("cpu"), None
@@ -576,34 +575,40 @@ class _VramCap:
     """The GPU memory budget of a run, checked against the plan and enforced on torch's allocator.
 
     The budget is ``vram_budget`` or :data:`VRAM_FRACTION` of the memory free when the run starts.
-    A plan whose estimate exceeds it is refused before anything is written; during the run the
-    caching allocator may reserve at most the budget on top of what the process already held
-    (``set_per_process_memory_fraction``), so a wrong estimate fails with an error, never by
-    taking more. :meth:`lift` restores the previous fraction.
+    A plan whose estimate exceeds it is refused on construction, before anything is written.
+    While :meth:`apply` holds, the caching allocator may reserve at most the budget on top of what
+    the process already held (``set_per_process_memory_fraction``), so a wrong estimate fails with
+    an error, never by taking more; :meth:`lift` restores the previous fraction. The allocator's
+    peak statistics are reset, so :meth:`peak` measures this run.
     """
 
     def __init__(self, plan: Plan, vram_budget: int | None) -> None:
-        torch.backends.cuda.matmul.allow_tf32 = False  # no TF32 shortcuts: the CPU's exact arithmetic
-        free, total = torch.cuda.mem_get_info()
+        free, self._total = torch.cuda.mem_get_info()
         self.budget = vram_budget if vram_budget is not None else int(free * VRAM_FRACTION)
         if plan.estimate.peak_device_bytes > self.budget:
             raise BudgetTooSmall(
                 f"{plan.out}: the merge needs {plan.estimate.peak_device_bytes} bytes of GPU memory, the budget is {self.budget} "
                 f"({free} free); plan with --vram-budget (smaller tiles) or use --device cpu"
             )
+        self._before: float | None = None
+        self._held = 0
+
+    def apply(self) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = False  # no TF32 shortcuts: the CPU's exact arithmetic
         getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
         self._before = float(getter()) if getter is not None else 1.0
-        allowed = torch.cuda.memory_reserved() + self.budget
-        torch.cuda.set_per_process_memory_fraction(min(1.0, allowed / total))
-        torch.cuda.reset_peak_memory_stats()
         self._held = torch.cuda.memory_reserved()
+        torch.cuda.set_per_process_memory_fraction(min(1.0, (self._held + self.budget) / self._total))
+        torch.cuda.reset_peak_memory_stats()
 
     def peak(self) -> int:
         """The most the allocator reserved beyond what the process held when the run started."""
         return max(0, torch.cuda.max_memory_reserved() - self._held)
 
     def lift(self) -> None:
-        torch.cuda.set_per_process_memory_fraction(self._before)
+        if self._before is not None:
+            torch.cuda.set_per_process_memory_fraction(self._before)
+            self._before = None
 
 
 def _peak_rss_bytes() -> int:
@@ -663,6 +668,8 @@ def run(
     queue: WriteQueue | None = None
     prefetch: Prefetcher | None = None
     try:
+        if cap is not None:
+            cap.apply()
         writer.open()
         staged = _staged(dev)
         pool = pinned_buffer if staged and dev.type == "cuda" else None

@@ -176,3 +176,31 @@ def test_cli_device_cuda_without_a_gpu_is_a_one_line_error(
     assert result.exit_code == 2
     assert result.stderr.count("\n") == 1 and "device 'cuda' was asked for but torch" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_vram_cap_checks_the_plan_holds_the_allocator_to_the_budget_and_restores_it(
+    llama_base: Path, llama_lora: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The calls a GPU run makes on torch's allocator, with the allocator faked (runs on any machine)."""
+    gib = 2**30
+    calls: list[object] = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (60 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda: 4 * gib)  # what the caller already held
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: 5 * gib)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda: 0.5, raising=False)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f: calls.append(f))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: calls.append("reset"))
+    p = streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "o", device="cuda")
+
+    with pytest.raises(streammerge.BudgetTooSmall, match=r"needs \d+ bytes of GPU memory, the budget is 1000 \(64424509440 free\)"):
+        execute._VramCap(p, 1000)
+    cap = execute._VramCap(p, None)
+    assert cap.budget == int(60 * gib * execute.VRAM_FRACTION) and calls == []  # checking takes nothing
+    cap.lift()  # before apply: nothing to restore
+    assert calls == []
+    cap.apply()
+    assert calls == [(4 * gib + cap.budget) / (80 * gib), "reset"]
+    assert cap.peak() == 1 * gib  # beyond what the caller held
+    cap.lift()
+    cap.lift()
+    assert calls[2:] == [0.5]
