@@ -9,6 +9,7 @@ offset the plan fixed. Untouched tensors are copied file to file in the kernel
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import ctypes.util
@@ -67,6 +68,14 @@ MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 
 DEQUANT_THREADS = min(2, os.cpu_count() or 1)
 """CPU threads that dequantize a tile (gathers and scaling split well; the merge itself runs on one)."""
+
+MERGE_THREADS = min(2, os.cpu_count() or 1)
+"""CPU threads that dequantize and merge a tile, each its own rows on one core. Two beat one even
+while the disk threads run: the 3B merge took 13.9 s instead of 18.9 s cold (bf16 base), 13.2 s
+instead of 16.7 s from NF4 (interleaved runs, 2-core Xeon, docs/benchmarks.md)."""
+
+SPLIT_MIN_ELEMS = 2**18
+"""A CPU tile is split between the merging threads when each half has at least this many elements."""
 
 VRAM_FRACTION = 0.8
 """Without --vram-budget, a run may use this fraction of the GPU memory free when it starts."""
@@ -458,15 +467,34 @@ def _staged(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
+def split_rows(unit: WorkUnit, rows: int) -> int:
+    """Where to split a tile of ``rows`` rows between two merging threads: about half, on a 4-bit
+    block boundary; 0 (do not split) when the tile is too small to be worth a second thread."""
+    if rows * unit.row_elems < 2 * SPLIT_MIN_ELEMS:
+        return 0
+    step = 1
+    if unit.quant is not None and unit.quant.kind != "int8":  # each half starts on a block boundary
+        step = unit.quant.blocksize // math.gcd(unit.row_elems, unit.quant.blocksize)
+    half = rows // 2 // step * step
+    return half if 0 < half < rows else 0
+
+
 def _run_unit(
-    unit: WorkUnit, files: SourceFiles, out: Sink, work: Workspace, advance: Callable[[int], None], pages: Pages | None = None
+    unit: WorkUnit,
+    files: SourceFiles,
+    out: Sink,
+    work: Workspace,
+    advance: Callable[[int], None],
+    pages: Pages | None = None,
+    helper: concurrent.futures.ThreadPoolExecutor | None = None,
 ) -> None:
     """Compute (or copy) one unit into ``out``. ``pages(path, offset, nbytes)`` is called before each
     tile's input is read (a :meth:`Prefetcher.ready`); by default the tile is mapped in right then.
 
     With a :class:`Staging` sink (GPU runs) each tile's input goes to ``work.device`` through its
     pinned slots and the result comes back asynchronously; otherwise the tile is merged on the CPU,
-    straight from the mapped input into the output buffer.
+    straight from the mapped input into the output buffer, its rows split with the ``helper``
+    thread when one is given (each half dequantized and merged on one core).
     """
     src = unit.source
     stage = out if isinstance(out, Staging) else None
@@ -489,25 +517,32 @@ def _run_unit(
     if requant is not None:
         out_dtype, out_size = torch.float32, 4  # the merged tile, before bitsandbytes packs it
     on_cpu = work.device.type == "cpu"
+
+    def load(r0: int, k: int, role: str, threads: int | None) -> torch.Tensor:
+        """Rows ``r0 : r0 + k`` of the base weight as the merge reads them (dequantized, on the device)."""
+        raw = files.raw(*tile_range(unit, r0, k))
+        if stage is not None:
+            raw = stage.to_device(raw, work.get("staged" + role, torch.uint8, (raw.numel(),)))
+        if dequant is not None:
+            tile = work.get("dequant" + role, TORCH_DTYPES[unit.base_dtype], (k, unit.row_elems))
+            with _torch_threads(threads):
+                dequant.tile(raw, unit, r0, tile)
+            return tile
+        tile = raw.view(TORCH_DTYPES[src.dtype]).view(k, unit.row_elems)
+        if unit.base_dtype != src.dtype:  # a base weight saved with the adapter: as loaded into the base
+            tile = tile.to(TORCH_DTYPES[unit.base_dtype])
+        return tile
+
     for row0 in range(0, unit.rows, unit.tile_rows):
         n = min(unit.tile_rows, unit.rows - row0)
         first, count = row0 * unit.row_elems, n * unit.row_elems
         shape = (n, unit.row_elems)
         stored = tile_range(unit, row0, n)
         pages(*stored)
-        raw = files.raw(*stored)
-        if stage is not None:
-            raw = stage.to_device(raw, work.get("staged", torch.uint8, (stored[2],)))
-        if dequant is not None:
-            tile = work.get("dequant", TORCH_DTYPES[unit.base_dtype], shape)
-            with _torch_threads(DEQUANT_THREADS if on_cpu else None):
-                dequant.tile(raw, unit, row0, tile)
-        else:
-            tile = raw.view(TORCH_DTYPES[src.dtype]).view(shape)
-            if unit.base_dtype != src.dtype:  # a base weight saved with the adapter: as loaded into the base
-                tile = tile.to(TORCH_DTYPES[unit.base_dtype])
-        del raw
+        half = split_rows(unit, n) if helper is not None and stage is None and requant is None else 0
+        tile = load(row0, n, "", DEQUANT_THREADS if on_cpu else None) if not half else None
         if requant is not None:
+            assert tile is not None
             result = work.get("requant", out_dtype, shape)
             _compute(tile, factors, row0, acc, result, magnitude, adds, first)
             packed = requant.tile(result, first)
@@ -523,7 +558,23 @@ def _run_unit(
             start = aligned_start(at, out_size)
             host = torch.frombuffer(buffer, dtype=out_dtype, count=count, offset=start).view(shape)
             result = host if stage is None else work.get("out", out_dtype, shape)
-            _compute(tile, factors, row0, acc, result, magnitude, adds, first)
+            if tile is not None:
+                _compute(tile, factors, row0, acc, result, magnitude, adds, first)
+            else:  # the helper thread merges the second half of the rows while this one merges the first
+
+                def second(h: int = half, r0: int = row0, out_rows: torch.Tensor = result) -> None:
+                    with torch.inference_mode():
+                        acc2 = work.get("acc2", ACCUMULATE, (unit.chunk_rows, unit.row_elems)) if factors else None
+                        rest = load(r0 + h, out_rows.shape[0] - h, "2", None)
+                        _compute(rest, factors, r0 + h, acc2, out_rows[h:], magnitude, adds, (r0 + h) * unit.row_elems)
+
+                assert helper is not None
+                done = helper.submit(second)
+                try:
+                    _compute(load(row0, half, "", None), factors, row0, acc, result[:half], magnitude, adds, first)
+                finally:
+                    concurrent.futures.wait([done])  # never hand on a buffer the helper still writes
+                done.result()
             if stage is not None:
                 stage.write_from_device(result, host, unit.shard, at, unit.name, buffer, start)
             else:
@@ -667,6 +718,9 @@ def run(
     torch.set_num_threads(1)
     queue: WriteQueue | None = None
     prefetch: Prefetcher | None = None
+    # On the CPU a second thread merges half of every large tile (see split_rows).
+    two_cores = dev.type == "cpu" and MERGE_THREADS > 1
+    helper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="streammerge-merge") if two_cores else None
     try:
         if cap is not None:
             cap.apply()
@@ -686,7 +740,7 @@ def run(
                 if index in writer.done:  # finished by the interrupted run this one resumes
                     advance(unit.nbytes + sum(x.nbytes for x in unit.extra))
                 else:
-                    _run_unit(unit, files, sink, work, advance, prefetch.ready)
+                    _run_unit(unit, files, sink, work, advance, prefetch.ready, helper)
                     sink.commit(unit, index)
                 consumed += unit.read_bytes
                 ahead.advance(consumed)
@@ -717,6 +771,8 @@ def run(
             raise error from e
         raise
     finally:
+        if helper is not None:
+            helper.shutdown()
         torch.set_num_threads(threads)
         ahead.close()
         if cap is not None:

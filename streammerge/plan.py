@@ -1207,7 +1207,7 @@ def estimate_run(
     prefetched = PREFETCH_TILES * in_tile_bytes(units)
     buffers = (
         WRITE_BUFFERS * (out_tile_bytes(units) + WRITE_ALIGN)
-        + acc_chunk_bytes(units)
+        + 2 * acc_chunk_bytes(units)  # one per merging thread
         + dequant_tile
         + requant_tile
         + COPY_FALLBACK_BYTES
