@@ -5,6 +5,7 @@ a rank-16 LoRA adapter on every linear layer (q, k, v, o, gate, up, down) with n
 ``lora_B``, then times each method in its own fresh subprocess and records its peak RSS:
 
 * ``copy``        -- ``shutil.copyfile`` of the base's ``*.safetensors`` files (the disk floor);
+* ``copy-direct`` -- the same bytes written with ``O_DIRECT`` (see below);
 * ``streammerge`` -- ``python -m streammerge merge BASE ADAPTER -o OUT --quiet --overwrite``;
 * ``peft``        -- ``AutoModelForCausalLM.from_pretrained`` + ``PeftModel.from_pretrained``
   + ``merge_and_unload()`` + ``save_pretrained(max_shard_size="5GB")``.
@@ -16,12 +17,14 @@ CPU and cached next to it; the adapter is the same. Then:
 * ``copy``        -- copies the 4-bit base's bytes: the floor for *reading* the input;
 * ``copy-bf16``   -- copies the bf16 base's bytes, the size of the 16-bit output: the floor
   for *writing* it;
+* ``copy-direct`` -- copies the bf16 base's bytes writing with ``O_DIRECT`` on a second thread,
+  as streammerge writes (any ``--quant``): the disk without the page cache's writeback;
 * ``streammerge`` -- the same command on the 4-bit base (output bf16, its default there);
 * ``peft``        -- ``from_pretrained(4-bit, device_map="cpu")`` + ``model.dequantize()``
   + ``PeftModel.from_pretrained`` + ``merge_and_unload()`` + ``save_pretrained``.
 
 They run in ``--repeat`` rounds, each running every method once in the order copy, copy-bf16,
-streammerge, peft, so that this kind of shared disk's drift over minutes affects every method
+copy-direct, streammerge, peft, so that this kind of shared disk's drift over minutes affects every method
 alike; the table shows medians. Peak RSS is the child's ``ru_maxrss`` as returned by ``os.wait4`` for that one child,
 so measurements never leak into each other. Before every measurement the script runs
 ``sync`` and, when ``/proc/sys/vm/drop_caches`` is writable (root), drops the page cache
@@ -63,7 +66,7 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-METHODS = ("copy", "copy-bf16", "streammerge", "peft")
+METHODS = ("copy", "copy-bf16", "copy-direct", "streammerge", "peft")
 QUANTS = ("none", "nf4")
 #: Methods that only make sense with a quantized base (with --quant none the base *is* bf16).
 QUANT_ONLY = ("copy-bf16",)
@@ -230,6 +233,60 @@ def child_copy(base_dir: Path, out_dir: Path) -> None:
         shutil.copyfile(src, out_dir / src.name)
 
 
+DIRECT_CHUNK = 16 << 20
+
+
+def child_copy_direct(base_dir: Path, out_dir: Path) -> None:
+    """Copy the base's safetensors bytes as streammerge writes: reads through the page cache, writes
+    with O_DIRECT from page-aligned buffers on a second thread, fsync at the end. It measures the
+    disk without the page cache's writeback, which on some virtual disks is several times slower
+    than the disk itself (docs/benchmarks.md)."""
+    import mmap
+    import queue
+    import threading
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for src in sorted(base_dir.glob("*.safetensors")):
+        size, dst = src.stat().st_size, out_dir / src.name
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        try:
+            fd = os.open(dst, flags | os.O_DIRECT, 0o644)
+        except OSError:  # a filesystem without direct I/O: the page cache it is
+            fd = os.open(dst, flags, 0o644)
+        free: queue.Queue[mmap.mmap] = queue.Queue()
+        for _ in range(3):
+            free.put(mmap.mmap(-1, DIRECT_CHUNK))
+        jobs: queue.Queue[tuple[mmap.mmap, int, int] | None] = queue.Queue()
+
+        def write(fd: int = fd, dst: Path = dst, free: Any = free, jobs: Any = jobs) -> None:
+            while (job := jobs.get()) is not None:
+                buf, offset, n = job
+                body = n - n % 4096
+                if body:
+                    os.pwrite(fd, memoryview(buf)[:body], offset)
+                if n > body:  # the unaligned tail of the file, through the page cache
+                    with open(dst, "r+b") as f:
+                        f.seek(offset + body)
+                        f.write(memoryview(buf)[body:n])
+                free.put(buf)
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        with open(src, "rb", buffering=0) as f:
+            offset = 0
+            while offset < size:
+                buf = free.get()
+                n = f.readinto(memoryview(buf)[: min(DIRECT_CHUNK, size - offset)])
+                if not n:
+                    raise SystemExit(f"{src}: ended early")
+                jobs.put((buf, offset, n))
+                offset += n
+        jobs.put(None)
+        writer.join()
+        os.fsync(fd)
+        os.close(fd)
+
+
 def run_child(argv: list[str]) -> None:
     """Dispatch ``_child KIND ARGS...``."""
     kind, paths = argv[0], [Path(a) for a in argv[2:]]
@@ -241,6 +298,8 @@ def run_child(argv: list[str]) -> None:
         child_peft(argv[1], *paths)
     elif kind == "copy":
         child_copy(Path(argv[1]), *paths)
+    elif kind == "copy-direct":
+        child_copy_direct(Path(argv[1]), *paths)
     else:
         raise SystemExit(f"unknown child kind {kind!r}")
 
@@ -277,6 +336,8 @@ def method_cmd(method: str, python: str, inputs: Inputs, out: Path, device: str 
         return self_cmd(python, "copy", str(base), str(out))
     if method == "copy-bf16":
         return self_cmd(python, "copy", str(inputs.bf16_base), str(out))
+    if method == "copy-direct":
+        return self_cmd(python, "copy-direct", str(inputs.bf16_base), str(out))
     if method == "peft":
         return self_cmd(python, "peft", inputs.quant, str(base), str(adapter), str(out))
     return [
@@ -534,6 +595,7 @@ def method_label(method: str, quant: str) -> str:
     return {
         "copy": f"copy ({quant} base: read floor)",
         "copy-bf16": "copy-bf16 (bf16 base = output size: write floor)",
+        "copy-direct": "copy-direct (bf16 bytes, O_DIRECT writes as streammerge's)",
         "streammerge": f"streammerge ({quant} -> bf16)",
         "peft": "peft (dequantize + merge)",
     }[method]
@@ -584,8 +646,8 @@ def render(
             f"| {label} | {res.median('wall_s'):.2f} | {res.median('sync_s'):.2f} "
             f"| {res.median('total_s'):.2f} | {res.median('peak_rss_mb'):.0f} | {out} |"
         )
-    sm_t, pe_t, cp_t, cw_t = (med(m, "wall_s") for m in ("streammerge", "peft", "copy", "copy-bf16"))
-    sm_f, pe_f, cp_f, cw_f = (med(m, "total_s") for m in ("streammerge", "peft", "copy", "copy-bf16"))
+    sm_t, pe_t, cp_t, cw_t, cd_t = (med(m, "wall_s") for m in ("streammerge", "peft", "copy", "copy-bf16", "copy-direct"))
+    sm_f, pe_f, cp_f, cw_f, cd_f = (med(m, "total_s") for m in ("streammerge", "peft", "copy", "copy-bf16", "copy-direct"))
     sm_r, pe_r = med("streammerge", "peak_rss_mb"), med("peft", "peak_rss_mb")
     machine = (
         f"Machine: {info['cpu']}, {info['cores']} cores ({info['usable_cores']} usable), "
@@ -603,6 +665,8 @@ def render(
     ]
     if args.quant != "none":
         lines.append(f"| streammerge time / copy-bf16 time (write floor) | {ratio(sm_t, cw_t)} | {ratio(sm_f, cw_f)} |")
+    if cd_t is not None:
+        lines.append(f"| streammerge time / copy-direct time | {ratio(sm_t, cd_t)} | {ratio(sm_f, cd_f)} |")
     lines += [f"| streammerge RSS / PEFT RSS | {ratio(sm_r, pe_r)} | |", ""]
     sm_out = results["streammerge"].out_mb if "streammerge" in results else None
     if sm_t and sm_out:
