@@ -761,7 +761,8 @@ def run(
         error: BaseException = e
         if cap is not None and isinstance(e, torch.OutOfMemoryError):
             error = BudgetTooSmall(
-                f"{plan.out}: the GPU memory budget ({cap.budget} bytes) ran out at {current}; plan with a smaller --vram-budget"
+                f"{plan.out}: the GPU memory budget ({cap.budget} bytes) ran out at {current}, above the plan's estimate of "
+                f"{plan.estimate.peak_device_bytes}; plan with a smaller --tile-size, or use --device cpu"
             )
         if kept and isinstance(error, (StreamMergeError, OSError)):
             raise OutputError(

@@ -116,7 +116,8 @@ def test_running_out_of_the_budget_mid_run_is_a_clear_error(
     monkeypatch.setattr(execute, "merge_rows", out_of_memory)
     p = streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "o", device="cuda")
     with pytest.raises(  # an OutputError when units finished before it: the partial output is kept for --resume
-        streammerge.StreamMergeError, match=r"the GPU memory budget \(\d+ bytes\) ran out at model\..*; plan with a smaller --vram-budget"
+        streammerge.StreamMergeError,
+        match=r"the GPU memory budget \(\d+ bytes\) ran out at model\..*, above the plan's estimate of \d+; plan with a smaller --tile-size",
     ):
         streammerge.run(p)
     assert not (tmp_path / "o").exists()
