@@ -58,11 +58,12 @@ PREFETCH_TILES = 1
 """Input tiles mapped in ahead of the one being merged (by the executor's prefetch thread)."""
 COPY_FALLBACK_BYTES = 8 * 2**20
 """Chunk for copying untouched tensors where the kernel cannot copy file to file."""
-RATES = {"startup_s": 4.0, "read_bytes_per_s": 1.0e9, "write_bytes_per_s": 0.45e9, "merge_s_per_elem": 3e-9, "dequant_s_per_elem": 5e-9}
-"""Measured on the benchmark machine (docs/benchmarks.md: 2-core EPYC, virtual disk): cold reads,
-writes with fsync (reads and writes share the disk, so their times add up), the float64 merge
-and 4-bit dequantization while the disk threads run, importing torch. Computing overlaps the
-disk, so the estimate is the slower of the two plus the start-up."""
+RATES = {"startup_s": 4.0, "read_bytes_per_s": 1.0e9, "write_bytes_per_s": 0.45e9, "merge_s_per_elem": 2e-9, "dequant_s_per_elem": 2.5e-9}
+"""Measured on the benchmark machines (docs/benchmarks.md: 2-core EPYC and Xeon, virtual disks):
+cold reads and writes with fsync on the slower (EPYC) disk (reads and writes share the disk, so
+their times add up); the float64 merge and 4-bit dequantization on two merging threads while the
+disk threads run (3B cold on the Xeon: 13-14 s for a bf16 base, 13-15 s from NF4); importing
+torch. Computing overlaps the disk, so the estimate is the slower of the two plus the start-up."""
 RUNTIME_BASE_BYTES = 400 * 2**20
 """Resident memory of the interpreter with torch imported, before any tensor (measured ~230 MB, padded)."""
 BNB_IMPORT_BYTES = 160 * 2**20
