@@ -40,7 +40,11 @@ _tile_option = click.option(
     help="Working memory per tile: large tensors are merged this many bytes of rows at a time.",
 )
 _device_option = click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto uses CUDA when torch sees a GPU."
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="auto uses CUDA when torch can start a GPU, else the CPU (with a note if a GPU seemed to be there).",
 )
 _mode_option = click.option(
     "--mode",

@@ -13,7 +13,6 @@ import concurrent.futures
 import contextlib
 import ctypes
 import ctypes.util
-import glob
 import math
 import mmap
 import os
@@ -56,6 +55,7 @@ from streammerge.plan import (
     check_inputs_unchanged,
     check_output,
     in_tile_bytes,
+    nvidia_device_node,
     out_tile_bytes,
     quant_state_bytes,
 )
@@ -118,7 +118,7 @@ def resolve_device(requested: str) -> tuple[torch.device, str | None]:
         return torch.device("cuda"), None
     if requested == "cuda":
         raise StreamMergeError(f"device 'cuda' was asked for but {problem}; use --device cpu or auto")
-    expected = torch.cuda.is_available() or torch.version.cuda is not None or bool(glob.glob("/dev/nvidia[0-9]*"))
+    expected = torch.cuda.is_available() or torch.version.cuda is not None or nvidia_device_node()
     return torch.device("cpu"), (f"no usable GPU ({problem}): merged on the CPU" if expected else None)
 
 

@@ -1161,10 +1161,15 @@ def torch_is_gpu_build() -> bool:
     )
 
 
+def nvidia_device_node() -> bool:
+    """Whether this machine has an NVIDIA GPU device node (``/dev/nvidia0`` ...); no torch needed."""
+    return bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
 def merges_on_gpu(device: str) -> bool:
     """Whether a plan for ``device`` will run on a GPU here: ``cuda``, or ``auto`` where an NVIDIA
     device node exists (the planner does not import torch to ask)."""
-    return device == "cuda" or (device == "auto" and bool(glob.glob("/dev/nvidia[0-9]*")))
+    return device == "cuda" or (device == "auto" and nvidia_device_node())
 
 
 def estimate_run(

@@ -494,7 +494,6 @@ class WriteQueue:
     def __init__(self, writer: Writer, buffers: int, buffer_bytes: int, allocate: Callable[[int], Buffer] | None = None) -> None:
         self.writer = writer
         self.buffer_bytes = buffer_bytes
-        self.buffers = buffers
         self._allocate = allocate or _anonymous_map
         self._free: queue.Queue[Buffer] = queue.Queue()
         self._unmade = buffers if buffer_bytes else 0

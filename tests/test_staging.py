@@ -37,10 +37,8 @@ class _Recorder:
 
     def __init__(self, log: list[str]) -> None:
         self.log = log
-        self.buffers = 0
 
     def acquire(self) -> bytearray:
-        self.buffers += 1
         self.log.append("acquire")
         return bytearray(16)
 
@@ -159,7 +157,7 @@ def test_auto_falls_back_to_the_cpu_with_a_note_when_cuda_does_not_start(monkeyp
 def test_auto_on_a_machine_without_a_gpu_says_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.version, "cuda", None)
-    monkeypatch.setattr(execute.glob, "glob", lambda pattern: [])
+    monkeypatch.setattr(execute, "nvidia_device_node", lambda: False)
     assert execute.resolve_device("auto") == (torch.device("cpu"), None)
     monkeypatch.setattr(torch.version, "cuda", "13.0")  # a CUDA build of torch that finds no GPU: worth a word
     _, note = execute.resolve_device("auto")
@@ -204,3 +202,19 @@ def test_vram_cap_checks_the_plan_holds_the_allocator_to_the_budget_and_restores
     cap.lift()
     cap.lift()
     assert calls[2:] == [0.5]
+
+
+def test_cli_reports_the_peak_vram_against_the_budget(
+    llama_base: Path, llama_lora: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.conftest import run_cli
+
+    def gpu_run(plan: Any, **kw: Any) -> execute.Report:  # what a GPU run reports, without a GPU
+        return execute.Report(
+            plan.out, "cuda", 1.0, 2**20, {"merge": 1}, 2**28, (), peak_device_bytes=98 * 2**20, device_budget_bytes=2**31
+        )
+
+    monkeypatch.setattr(streammerge, "run", gpu_run)
+    result = run_cli("merge", str(llama_base), str(llama_lora), "-o", str(tmp_path / "o"))
+    assert result.exit_code == 0
+    assert "on cuda (peak VRAM 98.0 MiB of a 2.0 GiB budget);" in result.stderr
