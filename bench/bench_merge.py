@@ -5,8 +5,10 @@ a rank-16 LoRA adapter on every linear layer (q, k, v, o, gate, up, down) with n
 ``lora_B``, then times each method in its own fresh subprocess and records its peak RSS:
 
 * ``copy``        -- ``shutil.copyfile`` of the base's ``*.safetensors`` files (the disk floor);
-* ``copy-direct`` -- the same bytes written with ``O_DIRECT`` (see below);
-* ``streammerge`` -- ``python -m streammerge merge BASE ADAPTER -o OUT --quiet --overwrite``;
+* ``copy-direct`` -- the same bytes read and written with ``O_DIRECT`` (see below);
+* ``streammerge`` -- ``python -m streammerge merge BASE ADAPTER -o OUT --quiet --overwrite``
+  (its default ``--read auto``: base weights read with ``O_DIRECT``);
+* ``streammerge-mmap`` -- the same with ``--read mmap`` (base weights read through the page cache);
 * ``peft``        -- ``AutoModelForCausalLM.from_pretrained`` + ``PeftModel.from_pretrained``
   + ``merge_and_unload()`` + ``save_pretrained(max_shard_size="5GB")``.
 
@@ -17,14 +19,14 @@ CPU and cached next to it; the adapter is the same. Then:
 * ``copy``        -- copies the 4-bit base's bytes: the floor for *reading* the input;
 * ``copy-bf16``   -- copies the bf16 base's bytes, the size of the 16-bit output: the floor
   for *writing* it;
-* ``copy-direct`` -- copies the bf16 base's bytes writing with ``O_DIRECT`` on a second thread,
-  as streammerge writes (any ``--quant``): the disk without the page cache's writeback;
+* ``copy-direct`` -- copies the bf16 base's bytes, reading and writing (on a second thread) with
+  ``O_DIRECT`` as streammerge does (any ``--quant``): the disk without the page cache;
 * ``streammerge`` -- the same command on the 4-bit base (output bf16, its default there);
 * ``peft``        -- ``from_pretrained(4-bit, device_map="cpu")`` + ``model.dequantize()``
   + ``PeftModel.from_pretrained`` + ``merge_and_unload()`` + ``save_pretrained``.
 
 They run in ``--repeat`` rounds, each running every method once in the order copy, copy-bf16,
-copy-direct, streammerge, peft, so that this kind of shared disk's drift over minutes affects every method
+copy-direct, streammerge, streammerge-mmap, peft, so that this kind of shared disk's drift over minutes affects every method
 alike; the table shows medians. Peak RSS is the child's ``ru_maxrss`` as returned by ``os.wait4`` for that one child,
 so measurements never leak into each other. Before every measurement the script runs
 ``sync`` and, when ``/proc/sys/vm/drop_caches`` is writable (root), drops the page cache
@@ -66,7 +68,7 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-METHODS = ("copy", "copy-bf16", "copy-direct", "streammerge", "peft")
+METHODS = ("copy", "copy-bf16", "copy-direct", "streammerge", "streammerge-mmap", "peft")
 QUANTS = ("none", "nf4")
 #: Methods that only make sense with a quantized base (with --quant none the base *is* bf16).
 QUANT_ONLY = ("copy-bf16",)
@@ -237,10 +239,12 @@ DIRECT_CHUNK = 16 << 20
 
 
 def child_copy_direct(base_dir: Path, out_dir: Path) -> None:
-    """Copy the base's safetensors bytes as streammerge writes: reads through the page cache, writes
-    with O_DIRECT from page-aligned buffers on a second thread, fsync at the end. It measures the
-    disk without the page cache's writeback, which on some virtual disks is several times slower
-    than the disk itself (docs/benchmarks.md)."""
+    """Copy the base's safetensors bytes as streammerge moves them: reads with O_DIRECT (as its
+    default ``--read auto`` does), writes with O_DIRECT from page-aligned buffers on a second
+    thread, fsync at the end. It measures the disk without the page cache, whose writeback on some
+    virtual disks is several times slower than the disk itself and whose pages cost a hypervisor
+    trip on first touch (docs/benchmarks.md). Either side falls back to the page cache where the
+    filesystem refuses O_DIRECT."""
     import mmap
     import queue
     import threading
@@ -272,15 +276,19 @@ def child_copy_direct(base_dir: Path, out_dir: Path) -> None:
 
         writer = threading.Thread(target=write)
         writer.start()
-        with open(src, "rb", buffering=0) as f:
-            offset = 0
-            while offset < size:
-                buf = free.get()
-                n = f.readinto(memoryview(buf)[: min(DIRECT_CHUNK, size - offset)])
-                if not n:
-                    raise SystemExit(f"{src}: ended early")
-                jobs.put((buf, offset, n))
-                offset += n
+        try:
+            rfd = os.open(src, os.O_RDONLY | os.O_DIRECT)
+        except OSError:
+            rfd = os.open(src, os.O_RDONLY)
+        offset = 0
+        while offset < size:  # every offset is a multiple of DIRECT_CHUNK: aligned for O_DIRECT
+            buf = free.get()
+            n = min(os.preadv(rfd, [buf], offset), size - offset)
+            if n <= 0:
+                raise SystemExit(f"{src}: ended early")
+            jobs.put((buf, offset, n))
+            offset += n
+        os.close(rfd)
         jobs.put(None)
         writer.join()
         os.fsync(fd)
@@ -354,6 +362,7 @@ def method_cmd(method: str, python: str, inputs: Inputs, out: Path, device: str 
         "--device",
         device,
         *(["--vram-budget", vram_budget] if vram_budget else []),
+        *(["--read", "mmap"] if method == "streammerge-mmap" else []),
     ]
 
 
@@ -595,8 +604,9 @@ def method_label(method: str, quant: str) -> str:
     return {
         "copy": f"copy ({quant} base: read floor)",
         "copy-bf16": "copy-bf16 (bf16 base = output size: write floor)",
-        "copy-direct": "copy-direct (bf16 bytes, O_DIRECT writes as streammerge's)",
+        "copy-direct": "copy-direct (bf16 bytes, O_DIRECT reads and writes as streammerge's)",
         "streammerge": f"streammerge ({quant} -> bf16)",
+        "streammerge-mmap": f"streammerge --read mmap ({quant} -> bf16)",
         "peft": "peft (dequantize + merge)",
     }[method]
 
@@ -667,6 +677,11 @@ def render(
         lines.append(f"| streammerge time / copy-bf16 time (write floor) | {ratio(sm_t, cw_t)} | {ratio(sm_f, cw_f)} |")
     if cd_t is not None:
         lines.append(f"| streammerge time / copy-direct time | {ratio(sm_t, cd_t)} | {ratio(sm_f, cd_f)} |")
+    sm_mt, sm_mf = med("streammerge-mmap", "wall_s"), med("streammerge-mmap", "total_s")
+    if sm_mt is not None:
+        lines.append(f"| streammerge --read mmap time / {copy_name} | {ratio(sm_mt, cp_t)} | {ratio(sm_mf, cp_f)} |")
+        if cd_t is not None:
+            lines.append(f"| streammerge --read mmap time / copy-direct time | {ratio(sm_mt, cd_t)} | {ratio(sm_mf, cd_f)} |")
     lines += [f"| streammerge RSS / PEFT RSS | {ratio(sm_r, pe_r)} | |", ""]
     sm_out = results["streammerge"].out_mb if "streammerge" in results else None
     if sm_t and sm_out:

@@ -11,6 +11,7 @@ Three steps, each its own module, with plain data between them::
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 from streammerge.errors import (
@@ -32,34 +33,59 @@ __version__ = "0.1.0"
 
 
 def run(
-    plan: Plan, *, progress: Progress | bool | None = None, device: str | None = None, resume: bool = False, vram_budget: int | None = None
+    plan: Plan,
+    *,
+    progress: Progress | bool | None = None,
+    device: str | None = None,
+    resume: bool = False,
+    vram_budget: int | None = None,
+    reads: str = "auto",
 ) -> Report:
     """Execute a plan and return its :class:`~streammerge.execute.Report` (timings, bytes, peak RSS).
 
     ``progress=True`` draws the CLI's progress bar on stderr; a callable gets
     ``(bytes_done, bytes_total, tensor_name)`` after every tile. ``resume=True`` continues an
-    interrupted run of the same plan from its ``OUT.partial`` journal. See
+    interrupted run of the same plan from its ``OUT.partial`` journal. ``reads`` is ``auto``
+    (base tiles read with ``O_DIRECT`` where the filesystem allows it), ``direct`` or ``mmap``. See
     :func:`streammerge.execute.run`. torch is imported here, not at ``import streammerge``, so
     planning stays fast and light.
     """
+    from streammerge.direct import DirectTiles, use_direct
+    from streammerge.plan import PREFETCH_TILES, tile_ranges
     from streammerge.readahead import Readahead
 
-    readahead = Readahead(plan)
+    direct_reads = use_direct(plan, reads)
+    readahead = Readahead(plan, skip_tiles=direct_reads)
     readahead.start()  # the first reads overlap the torch import below
+    # A resumed run skips finished units: its tiles are known only once the journal is read.
+    direct = DirectTiles(tile_ranges(list(plan.units)), ahead=PREFETCH_TILES) if direct_reads and not resume else None
+    if direct is not None:
+        direct.start()
     try:
         from streammerge.execute import run as _run
 
+        go = functools.partial(
+            _run,
+            plan,
+            device=device,
+            readahead=readahead,
+            resume=resume,
+            vram_budget=vram_budget,
+            reads="direct" if direct_reads else "mmap",
+        )
         if progress is True:
             from streammerge.progress import ProgressBar
 
             bar = ProgressBar()
             try:
-                return _run(plan, progress=bar, device=device, readahead=readahead, resume=resume, vram_budget=vram_budget)
+                return go(progress=bar, direct=direct)
             finally:
                 bar.close()
-        return _run(plan, progress=progress or None, device=device, readahead=readahead, resume=resume, vram_budget=vram_budget)
+        return go(progress=progress or None, direct=direct)
     finally:
         readahead.close()
+        if direct is not None:
+            direct.close()
 
 
 __all__ = [

@@ -73,6 +73,16 @@ _max_ram_option = click.option(
 _vram_option = click.option(
     "--vram-budget", default=None, help="GPU memory budget, e.g. 8GiB (default: 80% of what is free when the run starts)."
 )
+_read_option = click.option(
+    "--read",
+    "reads",
+    type=click.Choice(["auto", "direct", "mmap"]),
+    default="auto",
+    show_default=True,
+    help="How base weights are read. direct: O_DIRECT into a few reused buffers, past the page cache (the CPU never "
+    "touches a fresh page cache page; much faster on VMs); mmap: through the page cache (best when the model is already "
+    "cached); auto: direct where the filesystem allows it, else mmap.",
+)
 _verify_option = click.option("--verify", "verify_after", is_flag=True, help="Run `streammerge verify` on the output when done.")
 _resume_option = click.option(
     "--resume", is_flag=True, help="Continue an interrupted run of the same command from OUT.partial (only unfinished tensors are redone)."
@@ -224,14 +234,14 @@ def _echo_table(rows: list[tuple[str, str]]) -> None:
         click.echo(f"{k:<{width}}  {v}")
 
 
-def _execute(p: Plan, quiet: bool, device: str | None, resume: bool = False, vram_budget: str | None = None) -> None:
+def _execute(p: Plan, quiet: bool, device: str | None, resume: bool = False, vram_budget: str | None = None, reads: str = "auto") -> None:
     from streammerge import run
     from streammerge.execute import Report
 
     for note in p.notes:  # said once, before the work, whatever --quiet says
         click.echo(f"streammerge: note: {note}", err=True)
     budget = None if vram_budget is None else parse_size(vram_budget, "VRAM budget")
-    report: Report = run(p, progress=not quiet, device=device, resume=resume, vram_budget=budget)
+    report: Report = run(p, progress=not quiet, device=device, resume=resume, vram_budget=budget, reads=reads)
     for note in report.notes[len(p.notes) :]:
         click.echo(f"streammerge: note: {note}", err=True)
     if not quiet:
@@ -251,10 +261,11 @@ def _execute(p: Plan, quiet: bool, device: str | None, resume: bool = False, vra
 
 @cli.command()
 @_plan_params
+@_read_option
 @_resume_option
 @_verify_option
 @_quiet_option
-def merge(resume: bool, verify_after: bool, quiet: bool, **spec: Any) -> None:
+def merge(reads: str, resume: bool, verify_after: bool, quiet: bool, **spec: Any) -> None:
     """Merge the LoRA ADAPTERS into the model in BASE and write a standalone model to OUT.
 
     \b
@@ -266,7 +277,7 @@ def merge(resume: bool, verify_after: bool, quiet: bool, **spec: Any) -> None:
     W + sum_i w_i s_i B_i @ A_i (one read and one write of the base, whatever their number).
     """
     p = _make_plan(**spec)
-    _execute(p, quiet, None, resume, spec["vram_budget"])
+    _execute(p, quiet, None, resume, spec["vram_budget"], reads)
     if verify_after:
         _report_verify(p.out, None, 0)
 
@@ -297,11 +308,12 @@ def plan_cmd(as_json: bool, save: str | None, **spec: Any) -> None:
 @cli.command("run")
 @click.argument("plan_file", type=click.Path())
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Override the plan's device.")
+@_read_option
 @_resume_option
 @_quiet_option
-def run_cmd(plan_file: str, device: str | None, resume: bool, quiet: bool) -> None:
+def run_cmd(plan_file: str, device: str | None, reads: str, resume: bool, quiet: bool) -> None:
     """Execute a plan saved by `streammerge plan --save`. Inputs must be unchanged since."""
-    _execute(Plan.load(plan_file), quiet, device, resume)
+    _execute(Plan.load(plan_file), quiet, device, resume, reads=reads)
 
 
 @cli.command("verify")

@@ -1,10 +1,12 @@
 """The executor: runs a :class:`~streammerge.plan.Plan` unit by unit, tile by tile.
 
-Bytes come in through mmap (pages of each finished tile are released with
-``madvise(MADV_DONTNEED)`` so they stop counting in RSS), go to the compute device, are merged
-by :mod:`streammerge.kernels`, and leave through the :class:`~streammerge.write.Writer` at the
-offset the plan fixed. Untouched tensors are copied file to file in the kernel
-(``copy_file_range``) without ever entering this process.
+Base-weight tiles come in ahead of the merge, either read with ``O_DIRECT`` into a small ring of
+reused buffers (:mod:`streammerge.direct`, the default where the filesystem allows it) or through
+mmap (pages of each finished tile are released with ``madvise(MADV_DONTNEED)`` so they stop
+counting in RSS); the small inputs (LoRA factors, quantization statistics) are mapped. Tiles go
+to the compute device, are merged by :mod:`streammerge.kernels`, and leave through the
+:class:`~streammerge.write.Writer` at the offset the plan fixed. Untouched tensors are copied
+file to file in the kernel (``copy_file_range``) without ever entering this process.
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Protocol, cast
 
 import torch
 
 from streammerge import preflight
+from streammerge.direct import DirectTiles, use_direct
 from streammerge.errors import BadCheckpoint, BudgetTooSmall, OutputError, StreamMergeError
-from streammerge.formats.safetensors import DTYPE_SIZES
 from streammerge.kernels import (
     ACCUMULATE,
     TORCH_DTYPES,
@@ -58,6 +60,8 @@ from streammerge.plan import (
     nvidia_device_node,
     out_tile_bytes,
     quant_state_bytes,
+    tile_range,
+    tile_ranges,
 )
 from streammerge.readahead import Readahead
 from streammerge.staging import Sink, Staging, pinned_buffer
@@ -83,8 +87,18 @@ VRAM_FRACTION = 0.8
 Progress = Callable[[int, int, str], None]
 """progress(bytes_done, bytes_total, tensor_name), called after every tile."""
 
-Pages = Callable[[str, int, int], None]
-"""pages(path, offset, nbytes): make an input tile's bytes resident before the merge reads them."""
+
+class Tiles(Protocol):
+    """Where the merge gets its input tiles: ``ready`` before a tile is read (in plan order),
+    ``raw`` for its bytes (the whole tile or rows of it), ``release`` when it is merged.
+
+    :class:`SourceFiles` maps them in on the merge's thread; :class:`Prefetcher` maps them in
+    ahead on its own thread; :class:`DirectInput` reads them with ``O_DIRECT`` ahead.
+    """
+
+    def ready(self, path: str, offset: int, nbytes: int) -> None: ...
+    def raw(self, path: str, offset: int, nbytes: int) -> torch.Tensor: ...
+    def release(self, path: str, offset: int, nbytes: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -217,6 +231,10 @@ class SourceFiles:
         if self._populate_ok and not self._advise(path, offset, nbytes, MADV_POPULATE_READ):
             self._populate_ok = False  # kernels before 5.14: pages fault in one by one instead
 
+    def ready(self, path: str, offset: int, nbytes: int) -> None:
+        """A tile is about to be read: map it in now (the merge's thread waits for the disk)."""
+        self.populate(path, offset, nbytes)
+
     def release(self, path: str, offset: int, nbytes: int) -> None:
         """Drop the mapped pages of a byte range from this process (they stay in the page cache)."""
         self._advise(path, offset, nbytes, mmap.MADV_DONTNEED)
@@ -251,24 +269,6 @@ def _load_factors(files: SourceFiles, term: LoraTerm, device: torch.device) -> F
         return out
 
     return Factors(a=load(term.a), b=load(term.b), scale=term.scale, transpose=term.transpose)
-
-
-def tile_range(unit: WorkUnit, row0: int, rows: int) -> tuple[str, int, int]:
-    """The input bytes (file, offset, length) that rows ``row0 : row0 + rows`` of a computed unit read."""
-    src = unit.source
-    first, count = row0 * unit.row_elems, rows * unit.row_elems
-    if unit.quant is not None and unit.quant.kind == "int8":  # one byte per element
-        return src.file, src.offset + first, count
-    if unit.quant is not None:  # two 4-bit codes per byte; tiles start on a block boundary
-        start, end = first // 2, (first + count + 1) // 2
-        return src.file, src.offset + start, end - start
-    size = DTYPE_SIZES[src.dtype]
-    return src.file, src.offset + first * size, count * size
-
-
-def tile_ranges(units: list[WorkUnit]) -> list[tuple[str, int, int]]:
-    """Every input tile the computed units among ``units`` read, in the order the executor reads them."""
-    return [tile_range(u, row0, min(u.tile_rows, u.rows - row0)) for u in units if u.op != "copy" for row0 in range(0, u.rows, u.tile_rows)]
 
 
 class Prefetcher:
@@ -322,12 +322,48 @@ class Prefetcher:
         if not mapped:
             self._files.populate(path, offset, nbytes)
 
+    def raw(self, path: str, offset: int, nbytes: int) -> torch.Tensor:
+        return self._files.raw(path, offset, nbytes)
+
+    def release(self, path: str, offset: int, nbytes: int) -> None:
+        self._files.release(path, offset, nbytes)
+
     def close(self) -> None:
         """Stop the thread (after the tile it is mapping); safe to call twice."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()
         self._thread.join()
+
+
+class DirectInput:
+    """Input tiles read with ``O_DIRECT`` by a :class:`~streammerge.direct.DirectTiles` thread, ahead
+    of the merge; a tile it could not read directly is mapped in through ``files`` instead."""
+
+    def __init__(self, files: SourceFiles, direct: DirectTiles) -> None:
+        self._files = files
+        self._direct = direct
+        self._mapped = False  # the tile in use came through the mapping
+
+    def ready(self, path: str, offset: int, nbytes: int) -> None:
+        self._mapped = not self._direct.ready(path, offset, nbytes)
+        if self._mapped:
+            self._files.populate(path, offset, nbytes)
+
+    def raw(self, path: str, offset: int, nbytes: int) -> torch.Tensor:
+        found = None if self._mapped else self._direct.view(path, offset, nbytes)
+        if found is None:
+            return self._files.raw(path, offset, nbytes)
+        buffer, at = found
+        return torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=at)
+
+    def release(self, path: str, offset: int, nbytes: int) -> None:
+        self._direct.release(path, offset, nbytes)
+        if self._mapped:
+            self._files.release(path, offset, nbytes)
+
+    def close(self) -> None:
+        self._direct.close()
 
 
 @dataclass
@@ -485,11 +521,11 @@ def _run_unit(
     out: Sink,
     work: Workspace,
     advance: Callable[[int], None],
-    pages: Pages | None = None,
+    tiles: Tiles | None = None,
     helper: concurrent.futures.ThreadPoolExecutor | None = None,
 ) -> None:
-    """Compute (or copy) one unit into ``out``. ``pages(path, offset, nbytes)`` is called before each
-    tile's input is read (a :meth:`Prefetcher.ready`); by default the tile is mapped in right then.
+    """Compute (or copy) one unit into ``out``, its input tiles from ``tiles`` (by default mapped in
+    through ``files`` when the merge needs them).
 
     With a :class:`Staging` sink (GPU runs) each tile's input goes to ``work.device`` through its
     pinned slots and the result comes back asynchronously; otherwise the tile is merged on the CPU,
@@ -498,7 +534,7 @@ def _run_unit(
     """
     src = unit.source
     stage = out if isinstance(out, Staging) else None
-    pages = pages or files.populate
+    tiles = tiles or files
     if unit.op == "copy":
         fd, _ = files.get(src.file)
         out.copy(unit.shard, unit.offset, unit.name, fd, src.offset, src.nbytes)
@@ -520,7 +556,7 @@ def _run_unit(
 
     def load(r0: int, k: int, role: str, threads: int | None) -> torch.Tensor:
         """Rows ``r0 : r0 + k`` of the base weight as the merge reads them (dequantized, on the device)."""
-        raw = files.raw(*tile_range(unit, r0, k))
+        raw = tiles.raw(*tile_range(unit, r0, k))
         if stage is not None:
             raw = stage.to_device(raw, work.get("staged" + role, torch.uint8, (raw.numel(),)))
         if dequant is not None:
@@ -538,7 +574,7 @@ def _run_unit(
         first, count = row0 * unit.row_elems, n * unit.row_elems
         shape = (n, unit.row_elems)
         stored = tile_range(unit, row0, n)
-        pages(*stored)
+        tiles.ready(*stored)
         half = split_rows(unit, n) if helper is not None and stage is None and requant is None else 0
         tile = load(row0, n, "", DEQUANT_THREADS if on_cpu else None) if not half else None
         if requant is not None:
@@ -582,7 +618,7 @@ def _run_unit(
             del host
             written = count * out_size
         del tile, result
-        files.release(*stored)
+        tiles.release(*stored)
         advance(written)
     if requant is not None:
         slots = {x.name: x for x in unit.extra}
@@ -675,6 +711,8 @@ def run(
     readahead: Readahead | None = None,
     resume: bool = False,
     vram_budget: int | None = None,
+    reads: str = "auto",
+    direct: DirectTiles | None = None,
 ) -> Report:
     """Execute ``plan``: write the merged model to ``plan.out``, atomically.
 
@@ -682,7 +720,10 @@ def run(
     and the error re-raised. ``device`` overrides the plan's device ("auto", "cpu", "cuda").
     ``readahead`` is a :class:`~streammerge.readahead.Readahead`, started early (one is made if not).
     With ``resume``, an ``OUT.partial`` left by an interrupted run of the same plan is continued:
-    only the units its journal does not list are redone.
+    only the units its journal does not list are redone. ``reads`` is how base tiles come in
+    (:data:`~streammerge.direct.READ_MODES`: ``auto`` reads them with ``O_DIRECT`` where the
+    filesystem allows it, else through mmap); ``direct`` is a :class:`~streammerge.direct.DirectTiles`
+    already started on this plan's tiles (it is used if its tiles are the ones left to do, and closed).
 
     Example::
 
@@ -695,6 +736,7 @@ def run(
     check_output(plan.out, [plan.base, *plan.adapters], plan.overwrite)
     preflight.check(plan)
     dev, fallback = resolve_device(device or plan.device)
+    direct_reads = use_direct(plan, reads)
     cap = _VramCap(plan, vram_budget) if dev.type == "cuda" else None
     total = sum(u.nbytes for u in plan.units)
     done = 0
@@ -706,7 +748,7 @@ def run(
             progress(done, total, current)
 
     current = ""
-    ahead = readahead or Readahead(plan)
+    ahead = readahead or Readahead(plan, skip_tiles=direct_reads)
     ahead.start()
     consumed = 0
     writer = Writer(plan, resume=resume)
@@ -717,7 +759,7 @@ def run(
     # keeps the other core busy with the disk.
     torch.set_num_threads(1)
     queue: WriteQueue | None = None
-    prefetch: Prefetcher | None = None
+    tiles: Prefetcher | DirectInput | None = None
     # On the CPU a second thread merges half of every large tile (see split_rows).
     two_cores = dev.type == "cpu" and MERGE_THREADS > 1
     helper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="streammerge-merge") if two_cores else None
@@ -733,26 +775,37 @@ def run(
         sink: Sink = Staging(queue, dev, in_tile_bytes(plan.units), slots=STAGING_SLOTS, keep=keep) if staged else queue
         resumed = len(writer.done)
         todo = [u for i, u in enumerate(plan.units) if i not in writer.done]
-        prefetch = Prefetcher(files, tile_ranges(todo))
+        ranges = tile_ranges(todo)
+        if direct_reads:
+            if direct is None or direct.ranges != ranges:
+                if direct is not None:
+                    direct.close()
+                direct = DirectTiles(ranges, ahead=PREFETCH_TILES)
+            direct.start()
+            tiles = DirectInput(files, direct)
+        else:
+            tiles = Prefetcher(files, ranges)
         with torch.inference_mode():
             for index, unit in enumerate(plan.units):
                 current = unit.name
                 if index in writer.done:  # finished by the interrupted run this one resumes
                     advance(unit.nbytes + sum(x.nbytes for x in unit.extra))
                 else:
-                    _run_unit(unit, files, sink, work, advance, prefetch.ready, helper)
+                    _run_unit(unit, files, sink, work, advance, tiles, helper)
                     sink.commit(unit, index)
                 consumed += unit.read_bytes
                 ahead.advance(consumed)
             if isinstance(sink, Staging):
                 sink.flush()
-        prefetch.close()
+        tiles.close()
         queue.close()
         files.close()
         writer.finish()
     except BaseException as e:
-        if prefetch is not None:
-            prefetch.close()
+        if tiles is not None:
+            tiles.close()
+        if direct is not None:
+            direct.close()
         if queue is not None:
             queue.cancel()
             queue.flush_on_failure()

@@ -55,7 +55,9 @@ WRITE_ALIGN = 4096
 """Each output buffer has this much room beyond a tile, to start the tile at its file offset's
 block alignment (the writer's direct writes need it)."""
 PREFETCH_TILES = 1
-"""Input tiles mapped in ahead of the one being merged (by the executor's prefetch thread)."""
+"""Input tiles read (or mapped in) ahead of the one being merged, by the executor's reading thread.
+More did not help: 3B cold runs with 1, 2 and 3 tiles ahead took 9.4, 9.9 and 10.4 s (one run each,
+within this disk's drift)."""
 COPY_FALLBACK_BYTES = 8 * 2**20
 """Chunk for copying untouched tensors where the kernel cannot copy file to file."""
 RATES = {"startup_s": 4.0, "read_bytes_per_s": 1.0e9, "write_bytes_per_s": 0.45e9, "merge_s_per_elem": 2e-9, "dequant_s_per_elem": 2.5e-9}
@@ -1147,6 +1149,24 @@ def in_tile_bytes(units: tuple[WorkUnit, ...] | list[WorkUnit]) -> int:
     return max((u.tile_rows * u.row_elems * DTYPE_SIZES[u.source.dtype] for u in units if u.op != "copy"), default=0)
 
 
+def tile_range(unit: WorkUnit, row0: int, rows: int) -> tuple[str, int, int]:
+    """The input bytes (file, offset, length) that rows ``row0 : row0 + rows`` of a computed unit read."""
+    src = unit.source
+    first, count = row0 * unit.row_elems, rows * unit.row_elems
+    if unit.quant is not None and unit.quant.kind == "int8":  # one byte per element
+        return src.file, src.offset + first, count
+    if unit.quant is not None:  # two 4-bit codes per byte; tiles start on a block boundary
+        start, end = first // 2, (first + count + 1) // 2
+        return src.file, src.offset + start, end - start
+    size = DTYPE_SIZES[src.dtype]
+    return src.file, src.offset + first * size, count * size
+
+
+def tile_ranges(units: list[WorkUnit]) -> list[tuple[str, int, int]]:
+    """Every input tile the computed units among ``units`` read, in the order the executor reads them."""
+    return [tile_range(u, row0, min(u.tile_rows, u.rows - row0)) for u in units if u.op != "copy" for row0 in range(0, u.rows, u.tile_rows)]
+
+
 def acc_chunk_bytes(units: tuple[WorkUnit, ...] | list[WorkUnit]) -> int:
     """Size of the float64 accumulator: the largest chunk of any merge."""
     return max((u.chunk_rows * u.row_elems * ACC_SIZE for u in units if u.op == "merge"), default=0)
@@ -1178,7 +1198,7 @@ def estimate_run(
     """Upper bounds for the run.
 
     Peak RSS = runtime (interpreter + torch) + per-unit bookkeeping + the reusable buffers (the
-    output tiles in flight, the accumulator, the copy chunk, the input tiles mapped ahead) + the
+    output tiles in flight, the accumulator, the copy chunk, the input tiles read ahead) + the
     largest transient: one tile of mapped source pages plus one unit's LoRA factors. A GPU build
     of torch costs more at import; a run on a GPU adds the CUDA runtime and the pinned staging slots.
     """
@@ -1210,7 +1230,9 @@ def estimate_run(
     peak_transient = max((transient(u) for u in computed), default=0)
     dequant_tile = max((u.tile_rows * u.row_elems * DTYPE_SIZES[u.base_dtype] for u in units if u.quant), default=0)
     requant_tile = max((u.tile_rows * u.row_elems * 4 for u in units if u.requant), default=0)
-    prefetched = PREFETCH_TILES * in_tile_bytes(units)
+    # The input tiles ahead of the merge (mapped, or read with O_DIRECT into buffers that also
+    # hold the block-aligned edges of every tile, the current one included).
+    prefetched = PREFETCH_TILES * in_tile_bytes(units) + (PREFETCH_TILES + 1) * 2 * WRITE_ALIGN
     buffers = (
         WRITE_BUFFERS * (out_tile_bytes(units) + WRITE_ALIGN)
         + 2 * acc_chunk_bytes(units)  # one per merging thread

@@ -27,12 +27,15 @@ CHUNK_BYTES = 4 * 2**20
 """Bytes per WILLNEED request: at most what the kernel honours in one call."""
 
 
-def _ranges(plan: Plan, chunk: int) -> Iterator[tuple[str, int, int]]:
-    """(file, offset, length) pieces of every input range, in the order the executor reads them."""
+def _ranges(plan: Plan, chunk: int, skip_tiles: bool = False) -> Iterator[tuple[str, int, int, bool]]:
+    """(file, offset, length, wanted) pieces of every input range, in the order the executor reads
+    them; with ``skip_tiles`` the base weights of computed units (read with O_DIRECT, past the page
+    cache) are not wanted."""
     for unit in plan.units:
         for src in unit.inputs:
+            wanted = not (skip_tiles and src is unit.source and unit.op != "copy")
             for start in range(0, src.nbytes, chunk):
-                yield src.file, src.offset + start, min(chunk, src.nbytes - start)
+                yield src.file, src.offset + start, min(chunk, src.nbytes - start), wanted
 
 
 class Readahead:
@@ -48,11 +51,18 @@ class Readahead:
     """
 
     def __init__(
-        self, plan: Plan, window_bytes: int = READAHEAD_BYTES, start_bytes: int = START_BYTES, chunk_bytes: int = CHUNK_BYTES
+        self,
+        plan: Plan,
+        window_bytes: int = READAHEAD_BYTES,
+        start_bytes: int = START_BYTES,
+        chunk_bytes: int = CHUNK_BYTES,
+        skip_tiles: bool = False,
     ) -> None:
         self.window = window_bytes
         self.start_window = max(start_bytes, window_bytes)
-        self._ranges = _ranges(plan, chunk_bytes)
+        self.skip_tiles = skip_tiles
+        """The base tiles are read with O_DIRECT (:mod:`streammerge.direct`): request only the rest."""
+        self._ranges = _ranges(plan, chunk_bytes, skip_tiles)
         self._requested = 0
         self._consumed = 0
         self._fds: dict[str, int] = {}
@@ -77,14 +87,14 @@ class Readahead:
         return self._consumed + (self.window if self._consumed else self.start_window)
 
     def _work(self) -> None:
-        for path, offset, nbytes in self._ranges:
+        for path, offset, nbytes, wanted in self._ranges:
             with self._cond:
                 self._cond.wait_for(lambda: self._closed or self._requested < self._limit())
                 if self._closed:
                     return
                 behind = self._requested + nbytes <= self._consumed  # already merged (a resumed run skips units)
             self._requested += nbytes
-            if behind:
+            if behind or not wanted:
                 continue
             try:
                 fd = self._fds.get(path)

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from streammerge.direct import NO_DIRECT_ENV
 from streammerge.errors import OutputError, PlanMismatch, StreamMergeError
 from streammerge.formats.checkpoint import CONFIG_NAME, INDEX_NAME
 from streammerge.plan import COPY_FALLBACK_BYTES, WRITE_ALIGN, Plan, WorkUnit, shard_header_bytes
@@ -383,7 +384,7 @@ class Writer:
 def _open_direct(path: str) -> int | None:
     """A descriptor of ``path`` for O_DIRECT writes, or None where the OS or filesystem has none."""
     flag = getattr(os, "O_DIRECT", 0)
-    if not flag or os.environ.get("STREAMMERGE_NO_DIRECT"):
+    if not flag or os.environ.get(NO_DIRECT_ENV):
         return None
     try:
         return os.open(path, os.O_WRONLY | flag | getattr(os, "O_CLOEXEC", 0))

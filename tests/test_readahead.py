@@ -61,3 +61,19 @@ def test_resumed_run_skips_what_is_already_merged(
     _settle(calls)
     ahead.close()
     assert 0 < sum(n for _, n in calls) <= 5000 + 4096
+
+
+def test_with_direct_reads_the_base_tiles_are_not_requested(
+    llama_base: Path, llama_lora: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Base tiles read with O_DIRECT bypass the page cache: requesting them would read them twice."""
+    plan = streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "out")
+    calls = _record(monkeypatch)
+    ahead = Readahead(plan, window_bytes=10**9, chunk_bytes=4096, skip_tiles=True)
+    ahead.start()
+    _settle(calls)
+    ahead.close()
+    tiles = sum(u.source.nbytes for u in plan.units if u.op != "copy")
+    rest = sum(u.read_bytes for u in plan.units) - tiles
+    assert tiles and rest
+    assert sum(n for _, n in calls) == rest
