@@ -56,12 +56,12 @@ def run(
 
     direct_reads = use_direct(plan, reads)
     readahead = Readahead(plan, skip_tiles=direct_reads)
-    readahead.start()  # the first reads overlap the torch import below
-    # A resumed run skips finished units: its tiles are known only once the journal is read.
-    direct = DirectTiles(tile_ranges(list(plan.units)), ahead=PREFETCH_TILES) if direct_reads and not resume else None
-    if direct is not None:
-        direct.start()
+    direct: DirectTiles | None = None
     try:
+        readahead.start()  # the first reads overlap the torch import below
+        if direct_reads and not resume:  # a resumed run's tiles are known once its journal is read
+            direct = DirectTiles(tile_ranges(list(plan.units)), ahead=PREFETCH_TILES)
+            direct.start()
         from streammerge.execute import run as _run
 
         go = functools.partial(
@@ -71,7 +71,7 @@ def run(
             readahead=readahead,
             resume=resume,
             vram_budget=vram_budget,
-            reads="direct" if direct_reads else "mmap",
+            reads=reads if direct_reads else "mmap",
         )
         if progress is True:
             from streammerge.progress import ProgressBar

@@ -54,11 +54,12 @@ def direct_problem(path: str) -> str | None:
         return "this system has no O_DIRECT"
     if os.environ.get(NO_DIRECT_ENV):
         return f"{NO_DIRECT_ENV} is set"
+    buf = mmap.mmap(-1, ALIGN)
     try:
         fd = _open_direct(path)
     except OSError as e:
+        buf.close()
         return f"{path}: {e.strerror or e}"
-    buf = mmap.mmap(-1, ALIGN)
     try:
         os.preadv(fd, [buf], 0)
     except OSError as e:
@@ -133,9 +134,9 @@ class DirectTiles:
             got = 0
             while got < length:
                 n = os.preadv(fd, [view[got:length]], start + got)
-                if n <= 0:
-                    break  # end of file: the aligned span may run past it
-                got += n
+                got += max(n, 0)
+                if n <= 0 or got % ALIGN:
+                    break  # end of file (the aligned span may run past it): never read on from an unaligned offset
         except OSError:
             return None
         finally:
@@ -172,12 +173,13 @@ class DirectTiles:
     def view(self, path: str, offset: int, nbytes: int) -> tuple[mmap.mmap, int] | None:
         """The buffer holding ``nbytes`` at ``offset`` of ``path`` and where they start in it, if they
         lie within the tile in use and it was read directly; else None."""
-        index = self._taken - 1
-        if index < self._released or index < 0:
+        with self._cond:
+            index = self._taken - 1
+            head = self._heads.get(index) if index >= max(self._released, 0) else None
+        if head is None:
             return None
         tile_path, tile_offset, tile_bytes = self.ranges[index]
-        head = self._heads.get(index)
-        if head is None or path != tile_path or not tile_offset <= offset <= offset + nbytes <= tile_offset + tile_bytes:
+        if path != tile_path or not tile_offset <= offset <= offset + nbytes <= tile_offset + tile_bytes:
             return None
         return self._buffers[index % self._slots], head + offset - tile_offset
 

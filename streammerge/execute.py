@@ -352,7 +352,8 @@ class DirectInput:
 
     def raw(self, path: str, offset: int, nbytes: int) -> torch.Tensor:
         found = None if self._mapped else self._direct.view(path, offset, nbytes)
-        if found is None:
+        if found is None:  # not read directly (or not inside the tile, which the merge never asks)
+            self._mapped = True  # so that release() drops the mapped pages
             return self._files.raw(path, offset, nbytes)
         buffer, at = found
         return torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=at)
@@ -736,7 +737,7 @@ def run(
     check_output(plan.out, [plan.base, *plan.adapters], plan.overwrite)
     preflight.check(plan)
     dev, fallback = resolve_device(device or plan.device)
-    direct_reads = use_direct(plan, reads)
+    direct_reads = direct is not None or use_direct(plan, reads)  # given a started DirectTiles, the caller has chosen
     cap = _VramCap(plan, vram_budget) if dev.type == "cuda" else None
     total = sum(u.nbytes for u in plan.units)
     done = 0
