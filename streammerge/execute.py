@@ -395,17 +395,18 @@ class _Dequantizer:
             scales = load(quant.absmax)
         return cls(quant, table, scales)
 
-    def tile(self, raw: torch.Tensor, unit: WorkUnit, row0: int, out: torch.Tensor) -> None:
-        """Rows ``row0 : row0 + len(out)`` of the weight, dequantized into ``out`` from their stored bytes ``raw``."""
+    def tile(self, raw: torch.Tensor, unit: WorkUnit, row0: int, out: torch.Tensor, work: Workspace, role: str) -> None:
+        """Rows ``row0 : row0 + len(out)`` of the weight, dequantized into ``out`` from their stored bytes ``raw``
+        (temporaries from ``work`` under ``role``: one per merging thread)."""
         n = out.shape[0]
         first, count = row0 * unit.row_elems, n * unit.row_elems
         raw = raw.to(out.device)
         if self.table is None:  # int8: one byte per element, one scale per row
-            dequant_int8(raw.view(torch.int8).view(n, unit.row_elems), self.scales[row0 : row0 + n], out)
+            dequant_int8(raw.view(torch.int8).view(n, unit.row_elems), self.scales[row0 : row0 + n], out, work, role)
         else:
             blocksize = self.quant.blocksize
             scales = self.scales[first // blocksize : (first + count + blocksize - 1) // blocksize]
-            dequant_4bit(raw, self.table, scales, blocksize, out)
+            dequant_4bit(raw, self.table, scales, blocksize, out, work, role)
 
 
 class _Requantizer:
@@ -563,7 +564,7 @@ def _run_unit(
         if dequant is not None:
             tile = work.get("dequant" + role, TORCH_DTYPES[unit.base_dtype], (k, unit.row_elems))
             with _torch_threads(threads):
-                dequant.tile(raw, unit, r0, tile)
+                dequant.tile(raw, unit, r0, tile, work, role)
             return tile
         tile = raw.view(TORCH_DTYPES[src.dtype]).view(k, unit.row_elems)
         if unit.base_dtype != src.dtype:  # a base weight saved with the adapter: as loaded into the base

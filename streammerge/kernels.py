@@ -119,12 +119,22 @@ def double_quant_scales(
     return scales.add_(torch.tensor(offset, dtype=torch.float32, device=scales.device))
 
 
-def dequant_4bit(packed: torch.Tensor, table: torch.Tensor, scales: torch.Tensor, blocksize: int, out: torch.Tensor) -> torch.Tensor:
+def dequant_4bit(
+    packed: torch.Tensor,
+    table: torch.Tensor,
+    scales: torch.Tensor,
+    blocksize: int,
+    out: torch.Tensor,
+    work: Workspace | None = None,
+    role: str = "",
+) -> torch.Tensor:
     """Dequantize ``out.numel()`` consecutive 4-bit elements that start on a block boundary.
 
     ``packed`` holds their codes (uint8, two per byte), ``scales`` the float32 scale of each block
     they touch. ``value = code_value * scale`` in float32, then one cast into ``out`` (the weight's
-    dtype). Blocks run over the flattened weight, whatever its row length.
+    dtype). Blocks run over the flattened weight, whatever its row length. The index and float32
+    temporaries (six bytes per element) come from ``work`` under ``role`` when given: allocated
+    afresh for every tile they are new pages, which the kernel must fault in and zero each time.
 
     >>> table = nibble_table(torch.linspace(-1, 1, 16))
     >>> dequant_4bit(torch.tensor([0x0F, 0xF0], dtype=torch.uint8), table, torch.tensor([2.0, 0.5]), 2, torch.empty(4)).tolist()
@@ -134,10 +144,13 @@ def dequant_4bit(packed: torch.Tensor, table: torch.Tensor, scales: torch.Tensor
     """
     count, nbytes = out.numel(), packed.numel()
     even = nbytes - nbytes % 2
-    pairs = packed[:even].view(torch.int16).int().bitwise_and_(0xFFFF)  # little-endian byte pairs
+    work = work or Workspace(packed.device)
+    pairs = work.get("pairs" + role, torch.int32, (even // 2,))
+    pairs.copy_(packed[:even].view(torch.int16)).bitwise_and_(0xFFFF)  # little-endian byte pairs
     # Each table row (four float32) gathered as one 16-byte element: 1-D index_select copies the
     # bits as they are, ~13% faster than gathering rows of a 2-D table (measured on a Xeon).
-    values = table.view(torch.complex128).view(-1).index_select(0, pairs).view(torch.float32)
+    gathered = work.get("gathered" + role, torch.complex128, (even // 2,))
+    values = torch.index_select(table.view(torch.complex128).view(-1), 0, pairs, out=gathered).view(torch.float32)
     if even < nbytes:  # an odd last byte: its pair index is the byte itself
         values = torch.cat([values, table[packed[even:].long(), :2].reshape(-1)])
     values = values[:count]
@@ -148,13 +161,15 @@ def dequant_4bit(packed: torch.Tensor, table: torch.Tensor, scales: torch.Tensor
     return out.view(-1).copy_(values).view(out.shape)
 
 
-def dequant_int8(rows: torch.Tensor, scb: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """LLM.int8 rows: ``(int8 * SCB[:, None]) * (1/127)`` in float32, one cast into ``out``.
+def dequant_int8(rows: torch.Tensor, scb: torch.Tensor, out: torch.Tensor, work: Workspace | None = None, role: str = "") -> torch.Tensor:
+    """LLM.int8 rows: ``(int8 * SCB[:, None]) * (1/127)`` in float32, one cast into ``out``
+    (the float32 temporary from ``work`` under ``role`` when given).
 
     >>> dequant_int8(torch.tensor([[127, -127]], dtype=torch.int8), torch.tensor([2.0]), torch.empty(1, 2)).tolist()
     [[2.0, -2.0]]
     """
-    values = rows.to(torch.float32).mul_(scb[:, None]).mul_(1 / 127)
+    values = (work or Workspace(rows.device)).get("int8" + role, torch.float32, tuple(rows.shape))
+    values.copy_(rows).mul_(scb[:, None]).mul_(1 / 127)
     return out.copy_(values)
 
 

@@ -254,9 +254,13 @@ class WorkUnit:
 
     @property
     def inputs(self) -> tuple[Source, ...]:
-        """The inputs the merge streams, in the order it reads them: the source, then each term's A and B.
-        The readahead and the executor both measure their position in these bytes."""
-        return (self.source, *(s for term in self.lora for s in (term.a, term.b)))
+        """Every input the unit reads: the source, each term's A and B, the quantization statistics,
+        the DoRA magnitude and added vectors. The readahead and the executor both measure their
+        position in these bytes."""
+        q = self.quant
+        stats = () if q is None else (q.absmax, q.quant_map, q.nested_absmax, q.nested_quant_map, q.scb)
+        vectors = (self.magnitude, *(a.source for a in self.adds))
+        return (self.source, *(s for term in self.lora for s in (term.a, term.b)), *(s for s in (*stats, *vectors) if s is not None))
 
     @property
     def read_bytes(self) -> int:
