@@ -50,30 +50,42 @@ def run(
     :func:`streammerge.execute.run`. torch is imported here, not at ``import streammerge``, so
     planning stays fast and light.
     """
-    from streammerge.startup import Startup
+    from streammerge.direct import DirectTiles, use_direct
+    from streammerge.plan import PREFETCH_TILES, tile_ranges
+    from streammerge.readahead import Readahead
 
-    # Everything that needs only the plan and the disk starts before torch is imported: the
-    # checks, the first reads, the output folder and the copies of untouched tensors.
-    startup = Startup(plan, resume=resume, reads=reads)
+    direct_reads = use_direct(plan, reads)
+    readahead = Readahead(plan, skip_tiles=direct_reads)
+    direct: DirectTiles | None = None
     try:
-        startup.begin()
+        readahead.start()  # the first reads overlap the torch import below
+        if direct_reads and not resume:  # a resumed run's tiles are known once its journal is read
+            direct = DirectTiles(tile_ranges(list(plan.units)), ahead=PREFETCH_TILES)
+            direct.start()
         from streammerge.execute import run as _run
 
-        go = functools.partial(_run, plan, device=device, vram_budget=vram_budget, startup=startup)
+        go = functools.partial(
+            _run,
+            plan,
+            device=device,
+            readahead=readahead,
+            resume=resume,
+            vram_budget=vram_budget,
+            reads=reads if direct_reads else "mmap",
+        )
         if progress is True:
             from streammerge.progress import ProgressBar
 
             bar = ProgressBar()
             try:
-                return go(progress=bar)
+                return go(progress=bar, direct=direct)
             finally:
                 bar.close()
-        return go(progress=progress or None)
-    except BaseException:
-        startup.abort()  # after the executor's own clean-up this changes nothing
-        raise
+        return go(progress=progress or None, direct=direct)
     finally:
-        startup.close()
+        readahead.close()
+        if direct is not None:
+            direct.close()
 
 
 __all__ = [

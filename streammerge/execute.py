@@ -30,7 +30,7 @@ from typing import Protocol, cast
 import torch
 
 from streammerge import preflight
-from streammerge.direct import DirectTiles
+from streammerge.direct import DirectTiles, use_direct
 from streammerge.errors import BadCheckpoint, BudgetTooSmall, OutputError, StreamMergeError
 from streammerge.kernels import (
     ACCUMULATE,
@@ -63,9 +63,9 @@ from streammerge.plan import (
     tile_range,
     tile_ranges,
 )
+from streammerge.readahead import Readahead
 from streammerge.staging import Sink, Staging, pinned_buffer
-from streammerge.startup import Startup
-from streammerge.write import ALIGN, Buffer, aligned_start
+from streammerge.write import ALIGN, Buffer, WriteQueue, Writer, aligned_start
 
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 """Linux 5.14+: fault a whole range in with one call."""
@@ -724,21 +724,22 @@ def run(
     *,
     progress: Progress | None = None,
     device: str | None = None,
+    readahead: Readahead | None = None,
     resume: bool = False,
     vram_budget: int | None = None,
     reads: str = "auto",
-    startup: Startup | None = None,
+    direct: DirectTiles | None = None,
 ) -> Report:
     """Execute ``plan``: write the merged model to ``plan.out``, atomically.
 
     The output appears only when complete; on any error (or Ctrl-C) the partial folder is removed
     and the error re-raised. ``device`` overrides the plan's device ("auto", "cpu", "cuda").
+    ``readahead`` is a :class:`~streammerge.readahead.Readahead`, started early (one is made if not).
     With ``resume``, an ``OUT.partial`` left by an interrupted run of the same plan is continued:
     only the units its journal does not list are redone. ``reads`` is how base tiles come in
     (:data:`~streammerge.direct.READ_MODES`: ``auto`` reads them with ``O_DIRECT`` where the
-    filesystem allows it, else through mmap). ``startup`` is a :class:`~streammerge.startup.Startup`
-    already begun for this plan (its ``resume`` and ``reads`` then apply, and the caller closes it,
-    or aborts it if this raises before the run started); without one, the run makes its own.
+    filesystem allows it, else through mmap); ``direct`` is a :class:`~streammerge.direct.DirectTiles`
+    already started on this plan's tiles (it is used if its tiles are the ones left to do, and closed).
 
     Example::
 
@@ -747,15 +748,12 @@ def run(
         print(f"{report.bytes_written / report.seconds / 1e6:.0f} MB/s")
     """
     start = time.perf_counter()
-    own = startup is None
-    if startup is None:  # checked here too, so that a bad device or budget leaves nothing behind
-        check_inputs_unchanged(plan)
-        check_output(plan.out, [plan.base, *plan.adapters], plan.overwrite)
-        preflight.check(plan)
+    check_inputs_unchanged(plan)
+    check_output(plan.out, [plan.base, *plan.adapters], plan.overwrite)
+    preflight.check(plan)
     dev, fallback = resolve_device(device or plan.device)
+    direct_reads = direct is not None or use_direct(plan, reads)  # given a started DirectTiles, the caller has chosen
     cap = _VramCap(plan, vram_budget) if dev.type == "cuda" else None
-    if startup is None:
-        startup = Startup(plan, resume=resume, reads=reads)
     total = sum(u.nbytes for u in plan.units)
     done = 0
 
@@ -766,14 +764,17 @@ def run(
             progress(done, total, current)
 
     current = ""
+    ahead = readahead or Readahead(plan, skip_tiles=direct_reads)
+    ahead.start()
     consumed = 0
-    writer = startup.writer
+    writer = Writer(plan, resume=resume)
     files = SourceFiles()
     work = Workspace(dev)
     threads = torch.get_num_threads()
     # One core merges (cache-sized chunks do not gain from more threads); the writer thread
     # keeps the other core busy with the disk.
     torch.set_num_threads(1)
+    queue: WriteQueue | None = None
     tiles: Prefetcher | DirectInput | None = None
     # On the CPU a second thread merges half of every large tile (see split_rows).
     two_cores = dev.type == "cpu" and MERGE_THREADS > 1
@@ -781,34 +782,35 @@ def run(
     try:
         if cap is not None:
             cap.apply()
-        if own:
-            startup.begin()
-        queue = startup.queue
-        assert queue is not None
+        writer.open()
         staged = _staged(dev)
-        if staged and dev.type == "cuda":
-            queue.use_allocator(pinned_buffer)
+        pool = pinned_buffer if staged and dev.type == "cuda" else None
+        queue = WriteQueue(writer, plan.write_buffers, out_tile_bytes(plan.units), allocate=pool)
         # On a GPU, up to two merged tiles may be on their way back while the next is staged.
         keep = max(1, min(2, plan.write_buffers - 1))
         sink: Sink = Staging(queue, dev, in_tile_bytes(plan.units), slots=STAGING_SLOTS, keep=keep) if staged else queue
         resumed = len(writer.done)
-        skip = set(writer.done) | set(startup.copied)
-        for index in startup.copied:  # copied while torch loaded: the run goes on, so journal them
-            queue.commit(plan.units[index], index)
-        if startup.direct is not None:
-            tiles = DirectInput(files, startup.direct)
+        todo = [u for i, u in enumerate(plan.units) if i not in writer.done]
+        ranges = tile_ranges(todo)
+        if direct_reads:
+            if direct is None or direct.ranges != ranges:
+                if direct is not None:
+                    direct.close()
+                direct = DirectTiles(ranges, ahead=PREFETCH_TILES)
+            direct.start()
+            tiles = DirectInput(files, direct)
         else:
-            tiles = Prefetcher(files, tile_ranges([u for i, u in enumerate(plan.units) if i not in writer.done]))
+            tiles = Prefetcher(files, ranges)
         with torch.inference_mode():
             for index, unit in enumerate(plan.units):
                 current = unit.name
-                if index in skip:  # finished by the interrupted run this one resumes, or copied already
+                if index in writer.done:  # finished by the interrupted run this one resumes
                     advance(unit.nbytes + sum(x.nbytes for x in unit.extra))
                 else:
                     _run_unit(unit, files, sink, work, advance, tiles, helper)
                     sink.commit(unit, index)
                 consumed += unit.read_bytes
-                startup.readahead.advance(consumed)
+                ahead.advance(consumed)
             if isinstance(sink, Staging):
                 sink.flush()
         tiles.close()
@@ -818,9 +820,11 @@ def run(
     except BaseException as e:
         if tiles is not None:
             tiles.close()
-        if startup.queue is not None:  # also when begin() failed after making it
-            startup.queue.cancel()
-            startup.queue.flush_on_failure()
+        if direct is not None:
+            direct.close()
+        if queue is not None:
+            queue.cancel()
+            queue.flush_on_failure()
         files.close()
         kept = writer.abort()
         error: BaseException = e
@@ -840,8 +844,7 @@ def run(
         if helper is not None:
             helper.shutdown()
         torch.set_num_threads(threads)
-        if own:
-            startup.close()
+        ahead.close()
         if cap is not None:
             cap.lift()
     return Report(

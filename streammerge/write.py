@@ -278,11 +278,6 @@ class Writer:
             done += n
         return True
 
-    def start_writeback(self, shard: int, offset: int, nbytes: int) -> None:
-        """Have the kernel write a copied range to the disk now, not when the page cache fills or
-        at the final fsync (Linux: DONTNEED starts asynchronous writeback of dirty pages)."""
-        os.posix_fadvise(self._fds[shard], offset, nbytes, os.POSIX_FADV_DONTNEED)
-
     def crc_of(self, shard: int, offset: int, nbytes: int) -> int:
         """CRC-32 of bytes already written (for tensors the kernel copied without us seeing them)."""
         path = os.path.join(self.partial, self.plan.shards[shard].file)
@@ -502,7 +497,7 @@ class WriteQueue:
         self.buffer_bytes = buffer_bytes
         self._allocate = allocate or _anonymous_map
         self._free: queue.Queue[Buffer] = queue.Queue()
-        self._unmade = self._buffers = buffers if buffer_bytes else 0
+        self._unmade = buffers if buffer_bytes else 0
         self._jobs: queue.Queue[_Write | _Copy | _Commit | None] = queue.Queue()
         self._error: BaseException | None = None
         self._stop = False
@@ -514,12 +509,6 @@ class WriteQueue:
         self._committer = threading.Thread(target=self._commit_work, name="streammerge-journal", daemon=True)
         self._thread.start()
         self._committer.start()
-
-    def use_allocator(self, allocate: Callable[[int], Buffer]) -> None:
-        """Make the pool's buffers with ``allocate`` (pinned memory on a GPU run); before the first :meth:`acquire`."""
-        if self._unmade != self._buffers:
-            raise AssertionError("the write pool already has buffers")
-        self._allocate = allocate
 
     def _check(self) -> None:
         if self._error is not None:
@@ -598,7 +587,6 @@ class WriteQueue:
                     raise OutputError(f"{self.writer.plan.shards[job.shard].file}: source ended early while copying")
                 self.writer.write(job.shard, job.offset + start, data)
         crcs[job.tensor] = self.writer.crc_of(job.shard, job.offset, job.nbytes)
-        self.writer.start_writeback(job.shard, job.offset, job.nbytes)
 
     def _flush_commits(self) -> None:
         """Hand the finished units to the journal thread: its fsync waits for the disk while writing goes on."""
