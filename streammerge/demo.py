@@ -9,6 +9,7 @@ transformers and peft are installed it also compares with PEFT's ``merge_and_unl
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -144,6 +145,9 @@ def check_against_reference(
 
 def check_against_peft(base: str, lora: str, out: str) -> str:
     """Compare with transformers + PEFT merge_and_unload when both are installed."""
+    # peft imports bitsandbytes, which warns on some CPUs that an optional hub kernel is missing:
+    # noise for a check that never runs a 4-bit matmul.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
