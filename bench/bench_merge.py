@@ -7,7 +7,7 @@ a rank-16 LoRA adapter on every linear layer (q, k, v, o, gate, up, down) with n
 * ``copy``        -- ``shutil.copyfile`` of the base's ``*.safetensors`` files (the disk floor);
 * ``copy-direct`` -- the same bytes read and written with ``O_DIRECT`` (see below);
 * ``streammerge`` -- ``python -m streammerge merge BASE ADAPTER -o OUT --quiet --overwrite``
-  (its default ``--read auto``: base weights read with ``O_DIRECT``);
+  (its default ``--read auto``: base weights read with ``O_DIRECT`` from a cold cache, mapped from a warm one);
 * ``streammerge-mmap`` -- the same with ``--read mmap`` (base weights read through the page cache);
 * ``peft``        -- ``AutoModelForCausalLM.from_pretrained`` + ``PeftModel.from_pretrained``
   + ``merge_and_unload()`` + ``save_pretrained(max_shard_size="5GB")``.

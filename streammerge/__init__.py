@@ -46,7 +46,8 @@ def run(
     ``progress=True`` draws the CLI's progress bar on stderr; a callable gets
     ``(bytes_done, bytes_total, tensor_name)`` after every tile. ``resume=True`` continues an
     interrupted run of the same plan from its ``OUT.partial`` journal. ``reads`` is ``auto``
-    (base tiles read with ``O_DIRECT`` where the filesystem allows it), ``direct`` or ``mmap``. See
+    (base tiles read with ``O_DIRECT`` unless they are mostly in the page cache already or the
+    filesystem refuses it), ``direct`` or ``mmap``. See
     :func:`streammerge.execute.run`. torch is imported here, not at ``import streammerge``, so
     planning stays fast and light.
     """

@@ -81,7 +81,8 @@ _read_option = click.option(
     show_default=True,
     help="How base weights are read. direct: O_DIRECT into two reused buffers, past the page cache (no CPU time for "
     "filling and mapping cache pages: a cold 3B merge took 10.9 s instead of 18.6 s on a 2-core VM); mmap: through the "
-    "page cache (quicker when the model is already cached); auto: direct where the filesystem allows it, else mmap.",
+    "page cache (quicker when the model is already cached); auto: mmap when the base is mostly in the page cache "
+    "already or its filesystem refuses O_DIRECT, else direct.",
 )
 _verify_option = click.option("--verify", "verify_after", is_flag=True, help="Run `streammerge verify` on the output when done.")
 _resume_option = click.option(

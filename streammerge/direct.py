@@ -25,13 +25,16 @@ tiles arrive during the import.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import mmap
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import cast
 
 from streammerge.errors import StreamMergeError
-from streammerge.plan import Plan
+from streammerge.plan import Plan, tile_ranges
 
 ALIGN = 4096
 """Offset, length and address alignment of every direct read (the largest common logical block size)."""
@@ -213,7 +216,59 @@ class DirectTiles:
 
 READ_MODES = ("auto", "direct", "mmap")
 """How the merge reads base-weight tiles: ``direct`` (O_DIRECT, this module), ``mmap`` (the page
-cache), ``auto`` (direct where every base file allows it, else mmap)."""
+cache), ``auto`` (mmap when the tiles are mostly in the page cache already or a base file
+refuses O_DIRECT, else direct)."""
+
+CACHED_ENOUGH = 0.5
+"""``auto`` reads through the page cache when at least this fraction of the sampled tile pages is
+in it already: a model just downloaded or merged a minute ago needs no disk at all that way."""
+
+
+def _libc_mincore() -> Callable[[int, int, ctypes.Array[ctypes.c_ubyte]], int] | None:
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).mincore
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return cast(Callable[[int, int, "ctypes.Array[ctypes.c_ubyte]"], int], fn)
+
+
+def cached_fraction(ranges: Sequence[Range], samples: int = 64, sample_bytes: int = 64 * 1024) -> float:
+    """The fraction of the page-cache pages of ``samples`` evenly chosen ranges (their first
+    ``sample_bytes``) that are resident, by ``mincore`` on a mapping that is never read; 0 where
+    it cannot tell. Linux reports the page cache of files this process may write or owns; for
+    others only pages it maps, so a foreign cached model counts as not cached (direct reads)."""
+    mincore = _libc_mincore()
+    if mincore is None or not ranges:
+        return 0.0
+    step = max(1, len(ranges) // samples)
+    resident = total = 0
+    maps: dict[str, tuple[mmap.mmap, int]] = {}
+    try:
+        for path, offset, nbytes in list(ranges)[::step][:samples]:
+            if path not in maps:
+                with open(path, "rb") as f:
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private and never written: no copy is made
+                view = ctypes.c_char.from_buffer(mm)
+                maps[path] = (mm, ctypes.addressof(view))
+                del view
+            mm, address = maps[path]
+            start = offset - offset % mmap.PAGESIZE
+            end = min(len(mm), offset + min(nbytes, sample_bytes))
+            pages = -(-(end - start) // mmap.PAGESIZE)
+            vec = (ctypes.c_ubyte * pages)()
+            if pages <= 0 or mincore(address + start, end - start, vec) != 0:
+                continue
+            resident += sum(b & 1 for b in vec)
+            total += pages
+    except (OSError, ValueError):
+        return 0.0
+    finally:
+        for mm, _ in maps.values():
+            with contextlib.suppress(BufferError):
+                mm.close()
+    return resident / total if total else 0.0
 
 
 def use_direct(plan: Plan, requested: str = "auto") -> bool:
@@ -232,4 +287,4 @@ def use_direct(plan: Plan, requested: str = "auto") -> bool:
             if requested == "direct":
                 raise StreamMergeError(f"--read direct: {problem}; use --read mmap (or auto)")
             return False
-    return True
+    return requested == "direct" or cached_fraction(tile_ranges(list(plan.units))) < CACHED_ENOUGH

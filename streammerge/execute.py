@@ -737,8 +737,8 @@ def run(
     ``readahead`` is a :class:`~streammerge.readahead.Readahead`, started early (one is made if not).
     With ``resume``, an ``OUT.partial`` left by an interrupted run of the same plan is continued:
     only the units its journal does not list are redone. ``reads`` is how base tiles come in
-    (:data:`~streammerge.direct.READ_MODES`: ``auto`` reads them with ``O_DIRECT`` where the
-    filesystem allows it, else through mmap); ``direct`` is a :class:`~streammerge.direct.DirectTiles`
+    (:data:`~streammerge.direct.READ_MODES`: ``auto`` reads them with ``O_DIRECT`` unless they
+    are mostly in the page cache already or the filesystem refuses it); ``direct`` is a :class:`~streammerge.direct.DirectTiles`
     already started on this plan's tiles (it is used if its tiles are the ones left to do, and closed).
 
     Example::

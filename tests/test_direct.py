@@ -165,8 +165,12 @@ def test_close_while_the_thread_waits_for_a_free_buffer(data_file: tuple[Path, b
 
 def test_read_modes(llama_base: Path, llama_lora: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     plan = streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "out")
+    monkeypatch.setattr(direct, "cached_fraction", lambda ranges: 0.0)  # a cold model: straight from the disk
     assert use_direct(plan, "auto") and use_direct(plan, "direct")
     assert not use_direct(plan, "mmap")
+    monkeypatch.setattr(direct, "cached_fraction", lambda ranges: 0.9)  # mostly cached: from memory
+    assert not use_direct(plan, "auto")
+    assert use_direct(plan, "direct")
     with pytest.raises(StreamMergeError, match="read mode 'fast' must be one of auto, direct, mmap"):
         use_direct(plan, "fast")
     monkeypatch.setattr(direct, "direct_problem", lambda path: f"{path}: Invalid argument")
@@ -243,7 +247,7 @@ def test_a_resumed_direct_run_reads_only_the_tiles_left(
     monkeypatch.setattr("streammerge.write.COMMIT_SECONDS", 0.0)
     monkeypatch.setattr("streammerge.write.COMMIT_BYTES", 1)
     with pytest.raises(OutputError):
-        streammerge.run(plan)
+        streammerge.run(plan, reads="direct")
     monkeypatch.setattr(execute, "_run_unit", real)
     seen: list[tuple[str, int, int]] = []
     real_init = DirectTiles.__init__
@@ -253,7 +257,7 @@ def test_a_resumed_direct_run_reads_only_the_tiles_left(
         real_init(self, ranges, ahead)
 
     monkeypatch.setattr(DirectTiles, "__init__", record)
-    streammerge.run(plan, resume=True)
+    streammerge.run(plan, resume=True, reads="direct")
     fresh = tmp_path / "fresh"
     streammerge.run(streammerge.plan(llama_base, [str(llama_lora)], out=fresh, tile_size="8KiB"), reads="mmap")
     _same(out, fresh)
@@ -264,3 +268,19 @@ def test_no_direct_env_turns_direct_reads_off(data_file: tuple[Path, bytes], mon
     path, _ = data_file
     monkeypatch.setenv(direct.NO_DIRECT_ENV, "1")
     assert direct_problem(str(path)) == "STREAMMERGE_NO_DIRECT is set"
+
+
+def test_cached_fraction_sees_the_page_cache(tmp_path: Path) -> None:
+    path = tmp_path / "model.bin"
+    path.write_bytes(os.urandom(64 * ALIGN))
+    ranges = [(str(path), i * 4 * ALIGN, 4 * ALIGN) for i in range(16)]
+    assert direct.cached_fraction(ranges) > 0.9  # just written: every page is in the cache
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # clean pages can be dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert direct.cached_fraction(ranges) < 0.5
+    assert direct.cached_fraction([]) == 0.0
+    assert direct.cached_fraction([(str(tmp_path / "gone"), 0, 10)]) == 0.0
