@@ -165,13 +165,14 @@ def test_changed_input_after_planning_is_refused(llama_base: Path, llama_lora: P
     assert_one_line_error(run_cli("run", str(tmp_path / "p.json")), "changed since the plan")
 
 
-def test_peak_rss_stays_under_the_estimate(tmp_path: Path) -> None:
+@pytest.mark.parametrize("reads", ["mmap", "direct"])
+def test_peak_rss_stays_under_the_estimate(tmp_path: Path, reads: str) -> None:
     """Run the real CLI in a child process and compare its ru_maxrss with the plan's bound."""
     base = make_llama(tmp_path / "base", hidden_size=512, intermediate_size=1536, num_hidden_layers=2, vocab_size=8000)
     lora = make_lora(base, tmp_path / "lora", r=16)
     out = tmp_path / "out"
     planned = json.loads(run_cli("plan", str(base), str(lora), "-o", str(out), "--json", "--tile-size", "4MiB").output)
-    cmd = [sys.executable, "-m", "streammerge", "merge", str(base), str(lora), "-o", str(out), "-q", "--tile-size", "4MiB"]
+    cmd = [sys.executable, "-m", "streammerge", "merge", str(base), str(lora), "-o", str(out), "-q", "--tile-size", "4MiB", "--read", reads]
     peak = peak_rss_of(cmd)
     assert 100 * 2**20 < peak <= planned["estimate"]["peak_host_bytes"], (peak, planned["estimate"]["peak_host_bytes"])
 

@@ -96,9 +96,9 @@ def test_to_device_goes_through_the_slots_and_grows_when_needed() -> None:
     assert stage.to_device(raw[:3], out[:3]).tolist() == [0, 1, 2]
 
 
-def _merge(base: Path, adapter: Path, out: Path, **kw: Any) -> None:
+def _merge(base: Path, adapter: Path, out: Path, reads: str = "auto", **kw: Any) -> None:
     p = streammerge.plan(base, [str(adapter)], out=out, device="cpu", **kw)
-    streammerge.run(p)
+    streammerge.run(p, reads=reads)
 
 
 def _same_folders(a: Path, b: Path) -> None:
@@ -108,13 +108,14 @@ def _same_folders(a: Path, b: Path) -> None:
     assert not mismatch and not errors
 
 
-@pytest.mark.parametrize("tile_size", ["64MiB", "2KiB"])
+@pytest.mark.parametrize(("tile_size", "reads"), [("64MiB", "mmap"), ("2KiB", "mmap"), ("2KiB", "direct")])
 def test_staged_run_writes_the_same_bytes_as_the_direct_path(
-    llama_base: Path, llama_lora: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tile_size: str
+    llama_base: Path, llama_lora: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tile_size: str, reads: str
 ) -> None:
+    """Staged (the GPU path, here on the CPU) against merged in place, with tiles mapped or read with O_DIRECT."""
     _merge(llama_base, llama_lora, tmp_path / "direct", tile_size=tile_size, max_shard_size="40KB")
     monkeypatch.setattr(execute, "_staged", lambda device: True)
-    _merge(llama_base, llama_lora, tmp_path / "staged", tile_size=tile_size, max_shard_size="40KB")
+    _merge(llama_base, llama_lora, tmp_path / "staged", reads=reads, tile_size=tile_size, max_shard_size="40KB")
     _same_folders(tmp_path / "direct", tmp_path / "staged")
 
 
