@@ -1,6 +1,6 @@
 """Direct reads: base-weight tiles read from the disk with ``O_DIRECT`` into a ring of reusable buffers.
 
-The default way in is mmap (:class:`streammerge.execute.SourceFiles`): the kernel reads a tile
+The other way in is mmap (:class:`streammerge.execute.SourceFiles`): the kernel reads a tile
 into the page cache and the merge reads the mapped pages. Every page the disk filled then costs
 a CPU its first touch. On bare metal that is a page fault; on a virtual machine whose host
 reclaims free guest memory (a balloon with free-page reporting, as on the benchmark VMs) it is
@@ -16,7 +16,8 @@ touches a fresh page, and the page cache is not filled with a model that is read
 block size: each tile is read from the :data:`ALIGN` boundary below its first byte to the one
 above its last, and the merge gets a view of the bytes it asked for. A filesystem that refuses
 ``O_DIRECT`` (tmpfs, some network and FUSE filesystems) or a read that fails leaves that tile to
-the mmap path, which reports real errors.
+the mmap path, which reports real errors. A model that is mostly in the page cache already
+(:func:`cached_fraction`) is better mapped: ``--read auto`` (:func:`use_direct`) then maps it.
 
 Torch-free on purpose: :func:`streammerge.run` starts it before torch is imported, so the first
 tiles arrive during the import.

@@ -1,7 +1,7 @@
 """The executor: runs a :class:`~streammerge.plan.Plan` unit by unit, tile by tile.
 
 Base-weight tiles come in ahead of the merge, either read with ``O_DIRECT`` into a small ring of
-reused buffers (:mod:`streammerge.direct`, the default where the filesystem allows it) or through
+reused buffers (:mod:`streammerge.direct`, the default unless they are cached already) or through
 mmap (pages of each finished tile are released with ``madvise(MADV_DONTNEED)`` so they stop
 counting in RSS); the small inputs (LoRA factors, quantization statistics) are mapped. Tiles go
 to the compute device, are merged by :mod:`streammerge.kernels`, and leave through the
