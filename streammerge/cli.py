@@ -255,7 +255,8 @@ def _execute(p: Plan, quiet: bool, device: str | None, resume: bool = False, vra
         )
         click.echo(
             f"wrote {report.out}: {format_bytes(report.bytes_written)} in {report.seconds:.1f} s ({format_bytes(int(rate))}/s) "
-            f"on {report.device}{vram}; {units}; peak RSS {format_bytes(report.peak_rss_bytes)}",
+            f"on {report.device}{vram}, base {'read with O_DIRECT' if report.reads == 'direct' else 'mapped'}; {units}; "
+            f"peak RSS {format_bytes(report.peak_rss_bytes)}",
             err=True,
         )
 

@@ -116,6 +116,8 @@ class Report:
     """GPU runs: the most memory torch's allocator reserved during the run (0 on the CPU)."""
     device_budget_bytes: int = 0
     """GPU runs: the VRAM budget the run was held to (0 on the CPU)."""
+    reads: str = ""
+    """How the base tiles came in: "direct" (O_DIRECT) or "mmap" (see :data:`~streammerge.direct.READ_MODES`)."""
 
 
 def resolve_device(requested: str) -> tuple[torch.device, str | None]:
@@ -859,4 +861,5 @@ def run(
         + ((f"resumed: {resumed} of {len(plan.units)} units were already done",) if resumed else ()),
         peak_device_bytes=cap.peak() if cap is not None else 0,
         device_budget_bytes=cap.budget if cap is not None else 0,
+        reads="direct" if direct_reads else "mmap",
     )

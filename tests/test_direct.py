@@ -284,3 +284,10 @@ def test_cached_fraction_sees_the_page_cache(tmp_path: Path) -> None:
     assert direct.cached_fraction(ranges) < 0.5
     assert direct.cached_fraction([]) == 0.0
     assert direct.cached_fraction([(str(tmp_path / "gone"), 0, 10)]) == 0.0
+
+
+@pytest.mark.parametrize(("reads", "said"), [("direct", "base read with O_DIRECT"), ("mmap", "base mapped")])
+def test_cli_says_how_the_base_was_read(llama_base: Path, llama_lora: Path, tmp_path: Path, reads: str, said: str) -> None:
+    result = run_cli("merge", str(llama_base), str(llama_lora), "-o", str(tmp_path / "out"), "--read", reads)
+    assert result.exit_code == 0, result.output
+    assert said in result.output
