@@ -212,10 +212,10 @@ def test_cli_reports_the_peak_vram_against_the_budget(
 
     def gpu_run(plan: Any, **kw: Any) -> execute.Report:  # what a GPU run reports, without a GPU
         return execute.Report(
-            plan.out, "cuda", 1.0, 2**20, {"merge": 1}, 2**28, (), peak_device_bytes=98 * 2**20, device_budget_bytes=2**31
+            plan.out, "cuda", 1.0, 2**20, {"merge": 1}, 2**28, (), peak_device_bytes=98 * 2**20, device_budget_bytes=2**31, reads="direct"
         )
 
     monkeypatch.setattr(streammerge, "run", gpu_run)
     result = run_cli("merge", str(llama_base), str(llama_lora), "-o", str(tmp_path / "o"))
     assert result.exit_code == 0
-    assert "on cuda (peak VRAM 98.0 MiB of a 2.0 GiB budget);" in result.stderr
+    assert "on cuda (peak VRAM 98.0 MiB of a 2.0 GiB budget), base read with O_DIRECT;" in result.stderr
