@@ -23,9 +23,9 @@ from tests.quantized_fixtures import make_llama_4bit, make_llama_8bit, make_lora
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _merge(base: Path, adapter: Path, out: Path, device: str, **kw: Any) -> streammerge.Report:
+def _merge(base: Path, adapter: Path, out: Path, device: str, reads: str = "auto", **kw: Any) -> streammerge.Report:
     p = streammerge.plan(base, [str(adapter)], out=out, device=device, **kw)
-    return streammerge.run(p)
+    return streammerge.run(p, reads=reads)
 
 
 def _assert_close_to_cpu(gpu: Path, cpu: Path) -> None:
@@ -61,7 +61,9 @@ def test_cuda_dequantizes_like_the_cpu(tmp_path: Path, kind: str) -> None:
     else:
         base = make_llama_4bit(tmp_path / "base", quant_type=kind[:3], double_quant=kind == "nf4")  # type: ignore[arg-type]
     adapter = make_lora_4bit(base, tmp_path / "lora") if kind != "int8" else make_lora(base, tmp_path / "lora")
-    _merge(base, adapter, tmp_path / "gpu", "cuda", tile_size="4KiB")
+    # fresh fixtures are in the page cache, so auto would map them: read with O_DIRECT here
+    report = _merge(base, adapter, tmp_path / "gpu", "cuda", reads="direct", tile_size="4KiB")
+    assert report.reads == "direct"
     _merge(base, adapter, tmp_path / "cpu", "cpu", tile_size="4KiB")
     _assert_close_to_cpu(tmp_path / "gpu", tmp_path / "cpu")
 
