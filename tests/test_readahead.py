@@ -77,3 +77,20 @@ def test_with_direct_reads_the_base_tiles_are_not_requested(
     rest = sum(u.read_bytes for u in plan.units) - tiles
     assert tiles and rest
     assert sum(n for _, n in calls) == rest
+
+
+def test_quantization_statistics_are_requested_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 4-bit unit's block scales and quant maps are read ahead like its weight, not faulted in by the merge."""
+    from tests.quantized_fixtures import make_llama_4bit, make_lora_4bit
+
+    base = make_llama_4bit(tmp_path / "base", quant_type="nf4", double_quant=True)
+    plan = streammerge.plan(base, [str(make_lora_4bit(base, tmp_path / "lora"))], out=tmp_path / "out")
+    stats = [s for u in plan.units if u.quant for s in (u.quant.absmax, u.quant.quant_map, u.quant.nested_absmax) if s is not None]
+    assert stats
+    calls = _record(monkeypatch)
+    ahead = Readahead(plan, window_bytes=10**9, chunk_bytes=4096, skip_tiles=True)
+    ahead.start()
+    _settle(calls)
+    ahead.close()
+    requested = set(calls)
+    assert all((s.offset, min(4096, s.nbytes)) in requested for s in stats)
