@@ -51,42 +51,25 @@ def run(
     :func:`streammerge.execute.run`. torch is imported here, not at ``import streammerge``, so
     planning stays fast and light.
     """
-    from streammerge.direct import DirectTiles, use_direct
-    from streammerge.plan import PREFETCH_TILES, tile_ranges
-    from streammerge.readahead import Readahead
+    from streammerge.inputs import Reading
 
-    direct_reads = use_direct(plan, reads)
-    readahead = Readahead(plan, skip_tiles=direct_reads)
-    direct: DirectTiles | None = None
+    reading = Reading(plan, reads, resume)
     try:
-        readahead.start()  # the first reads overlap the torch import below
-        if direct_reads and not resume:  # a resumed run's tiles are known once its journal is read
-            direct = DirectTiles(tile_ranges(list(plan.units)), ahead=PREFETCH_TILES)
-            direct.start()
+        reading.start()  # the first reads overlap the torch import below
         from streammerge.execute import run as _run
 
-        go = functools.partial(
-            _run,
-            plan,
-            device=device,
-            readahead=readahead,
-            resume=resume,
-            vram_budget=vram_budget,
-            reads=reads if direct_reads else "mmap",
-        )
+        go = functools.partial(_run, plan, device=device, reading=reading, resume=resume, vram_budget=vram_budget)
         if progress is True:
             from streammerge.progress import ProgressBar
 
             bar = ProgressBar()
             try:
-                return go(progress=bar, direct=direct)
+                return go(progress=bar)
             finally:
                 bar.close()
-        return go(progress=progress or None, direct=direct)
+        return go(progress=progress or None)
     finally:
-        readahead.close()
-        if direct is not None:
-            direct.close()
+        reading.close()
 
 
 __all__ = [

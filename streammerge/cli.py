@@ -18,7 +18,7 @@ import click
 from streammerge.errors import StreamMergeError
 from streammerge.plan import DEFAULT_TILE_BYTES, MODES, Plan
 from streammerge.plan import plan as make_plan
-from streammerge.units import format_bytes, parse_size
+from streammerge.sizes import format_bytes, parse_size
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -362,7 +362,7 @@ def _report_verify(out: str, against: tuple[str, list[str]] | None, sample: int)
 @click.option("--tensors", is_flag=True, help="List every tensor.")
 def inspect(path: str, as_json: bool, tensors: bool) -> None:
     """Show what a model folder, an adapter folder or a .safetensors file holds (headers only)."""
-    from streammerge.inspect import describe
+    from streammerge.describe import describe
 
     info = describe(path)
     if as_json:

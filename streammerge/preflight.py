@@ -11,9 +11,9 @@ import os
 import psutil
 
 from streammerge.errors import BudgetTooSmall, OutputError
-from streammerge.plan import Plan
-from streammerge.units import format_bytes
-from streammerge.write import partial_path
+from streammerge.journal import partial_path
+from streammerge.plan.model import Plan
+from streammerge.sizes import format_bytes
 
 
 def _folder_bytes(path: str) -> int:

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import TextIO
 
-from streammerge.units import format_bytes
+from streammerge.sizes import format_bytes
 
 
 def _clock(seconds: float) -> str:

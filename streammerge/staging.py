@@ -3,7 +3,7 @@
 On a GPU run every input tile is copied from its mapped pages into one of two pinned slots and
 sent to the device asynchronously; the merged tile comes back asynchronously into a pinned
 write-pool buffer. The CPU meanwhile maps and stages the next tile. A tile's write is handed to
-the :class:`~streammerge.write.WriteQueue` only once its device-to-host copy has landed, and
+the :class:`~streammerge.writequeue.WriteQueue` only once its device-to-host copy has landed, and
 every write, copy and journal entry reaches the queue in the order the executor issued it (the
 queue computes each tensor's CRC-32 over its bytes in order, and journals a unit after its
 writes). At most ``keep`` tiles wait on the device; with ``keep`` below the write pool's size the
@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from streammerge.write import ALIGN, Buffer
+from streammerge.geometry import ALIGN
+from streammerge.writequeue import Buffer
 
 if TYPE_CHECKING:
-    from streammerge.plan import WorkUnit
+    from streammerge.plan.model import WorkUnit
 
 
 class Event(Protocol):

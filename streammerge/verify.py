@@ -11,16 +11,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
 from streammerge.errors import BadCheckpoint, StreamMergeError
 from streammerge.formats.checkpoint import INDEX_NAME, open_checkpoint
 from streammerge.formats.safetensors import TensorInfo, read_header
-from streammerge.write import MANIFEST_FILE
-
-CHUNK = 8 * 2**20
+from streammerge.manifest import MANIFEST_FILE
+from streammerge.osio import file_crc32
 
 
 @dataclass
@@ -36,14 +34,6 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-def _crc(path: str, offset: int, nbytes: int) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        for start in range(0, nbytes, CHUNK):
-            crc = zlib.crc32(os.pread(f.fileno(), min(CHUNK, nbytes - start), offset + start), crc)
-    return crc
 
 
 def _tensors(out: str) -> dict[str, TensorInfo]:
@@ -108,7 +98,7 @@ def _check_manifest(out: str, manifest: dict[str, Any], tensors: dict[str, Tenso
         if t is None or os.path.basename(t.path) != entry["file"] or t.offset != entry["offset"] or t.nbytes != entry["bytes"]:
             report.problems.append(f"{where}: not where the manifest says (offset {entry['offset']}, {entry['bytes']} bytes)")
             continue
-        if _crc(t.path, t.offset, t.nbytes) != entry["crc32"]:
+        if file_crc32(t.path, t.offset, t.nbytes) != entry["crc32"]:
             report.problems.append(f"{where}: CRC-32 differs from the one recorded when it was written (corrupted?)")
         report.checksummed += 1
 

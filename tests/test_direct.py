@@ -18,9 +18,12 @@ from typing import Any
 import pytest
 
 import streammerge
-from streammerge import direct, execute
-from streammerge.direct import ALIGN, DirectTiles, direct_problem, use_direct
+from streammerge import execute
 from streammerge.errors import StreamMergeError
+from streammerge.geometry import ALIGN, tile_ranges
+from streammerge.inputs import direct, mapped
+from streammerge.inputs.direct import DirectTiles, direct_problem, use_direct
+from streammerge.osio import NO_DIRECT_ENV
 from tests.conftest import make_llama, make_lora, run_cli
 from tests.quantized_fixtures import make_llama_4bit, make_llama_8bit, make_lora_4bit
 
@@ -122,16 +125,16 @@ def test_a_file_that_refuses_o_direct_is_left_to_the_mapping(data_file: tuple[Pa
     def refuse(p: str) -> int:
         raise OSError(errno.EINVAL, "Invalid argument", p)
 
-    monkeypatch.setattr(direct, "_open_direct", refuse)
+    monkeypatch.setattr(direct, "open_direct", refuse)
     tiles = DirectTiles([(str(path), 0, 100)])
     tiles.start()
     assert _read_all(tiles, [(str(path), 0, 100)]) == [None]
     tiles.close()
     # the executor's adapter then maps the tile in and serves it from the mapping
-    files = execute.SourceFiles()
+    files = mapped.SourceFiles()
     tiles = DirectTiles([(str(path), 0, 100)])
     tiles.start()
-    source = execute.DirectInput(files, tiles)
+    source = mapped.DirectInput(files, tiles)
     source.ready(str(path), 0, 100)
     assert bytes(source.raw(str(path), 10, 20).numpy()) == data[10:30]
     source.release(str(path), 0, 100)
@@ -244,8 +247,8 @@ def test_a_resumed_direct_run_reads_only_the_tiles_left(
         real(*args, **kw)
 
     monkeypatch.setattr(execute, "_run_unit", fail_late)
-    monkeypatch.setattr("streammerge.write.COMMIT_SECONDS", 0.0)
-    monkeypatch.setattr("streammerge.write.COMMIT_BYTES", 1)
+    monkeypatch.setattr("streammerge.writequeue.COMMIT_SECONDS", 0.0)
+    monkeypatch.setattr("streammerge.writequeue.COMMIT_BYTES", 1)
     with pytest.raises(OutputError):
         streammerge.run(plan, reads="direct")
     monkeypatch.setattr(execute, "_run_unit", real)
@@ -261,12 +264,12 @@ def test_a_resumed_direct_run_reads_only_the_tiles_left(
     fresh = tmp_path / "fresh"
     streammerge.run(streammerge.plan(llama_base, [str(llama_lora)], out=fresh, tile_size="8KiB"), reads="mmap")
     _same(out, fresh)
-    assert seen and len(seen) < len(execute.tile_ranges(list(plan.units)))
+    assert seen and len(seen) < len(tile_ranges(list(plan.units)))
 
 
 def test_no_direct_env_turns_direct_reads_off(data_file: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
     path, _ = data_file
-    monkeypatch.setenv(direct.NO_DIRECT_ENV, "1")
+    monkeypatch.setenv(NO_DIRECT_ENV, "1")
     assert direct_problem(str(path)) == "STREAMMERGE_NO_DIRECT is set"
 
 

@@ -13,16 +13,16 @@ from hypothesis import strategies as st
 import streammerge
 from streammerge.errors import AdapterMismatch, BadAdapter, BadCheckpoint, OutputError, PlanMismatch
 from streammerge.formats.safetensors import DTYPE_SIZES, parse_header
-from streammerge.plan import Plan, Source, _UnitSpec, check_inputs_unchanged, layout_shards, shard_header_bytes
+from streammerge.plan import Plan, Source, WorkUnit, check_inputs_unchanged, layout_shards, shard_header_bytes
 from tests.conftest import make_llama
 
 
-def spec(name: str, dtype: str, shape: tuple[int, ...]) -> _UnitSpec:
+def spec(name: str, dtype: str, shape: tuple[int, ...]) -> WorkUnit:
     n = 1
     for d in shape:
         n *= d
     src = Source(file="/in/model.safetensors", offset=0, nbytes=n * DTYPE_SIZES[dtype], dtype=dtype, shape=shape)
-    return _UnitSpec(
+    return WorkUnit(
         name=name,
         op="copy",
         source=src,
@@ -176,14 +176,15 @@ def test_a_gpu_build_of_torch_raises_the_host_estimate(
     import importlib
     import importlib.machinery
 
-    plan_mod = importlib.import_module("streammerge.plan")  # the module (streammerge.plan is the function)
+    probe = importlib.import_module("streammerge.probe")
+    estimate = importlib.import_module("streammerge.plan.estimate")
 
     cpu_build = streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "o", device="cpu").estimate
     (tmp_path / "torch" / "lib").mkdir(parents=True)
     (tmp_path / "torch" / "lib" / "libtorch_cuda.so").touch()
     spec = importlib.machinery.ModuleSpec("torch", None, is_package=True)
     spec.submodule_search_locations = [str(tmp_path / "torch")]
-    monkeypatch.setattr(plan_mod.importlib.util, "find_spec", lambda name: spec if name == "torch" else None)
-    assert plan_mod.torch_is_gpu_build()
+    monkeypatch.setattr(probe.importlib.util, "find_spec", lambda name: spec if name == "torch" else None)
+    assert probe.torch_is_gpu_build()
     gpu_build = streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "o", device="cpu").estimate
-    assert gpu_build.peak_host_bytes == cpu_build.peak_host_bytes + plan_mod.TORCH_GPU_BUILD_BYTES
+    assert gpu_build.peak_host_bytes == cpu_build.peak_host_bytes + estimate.TORCH_GPU_BUILD_BYTES

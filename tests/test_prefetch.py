@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from streammerge.execute import Prefetcher, SourceFiles
+from streammerge.inputs.mapped import Prefetcher, SourceFiles
 
 
 class _Files(SourceFiles):
@@ -55,12 +55,12 @@ def test_a_dead_thread_leaves_the_merge_to_map_tiles_itself() -> None:
 
 def test_without_libc_madvise_the_stdlib_call_does_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Where libc cannot be loaded through ctypes, ``mmap.madvise`` (which holds the GIL) is used instead."""
-    from streammerge import execute
+    from streammerge.inputs import mapped
 
     data = bytes(range(256)) * 64 * 1024  # 16 MiB
     path = tmp_path / "f.bin"
     path.write_bytes(data)
-    monkeypatch.setattr(execute, "_MADVISE", None)
+    monkeypatch.setattr(mapped, "_MADVISE", None)
     files = SourceFiles()
     try:
         files.populate(str(path), 4096 * 3 + 5, 8 * 2**20)
@@ -77,11 +77,11 @@ def test_merge_without_libc_madvise_is_byte_identical(
     llama_base: Path, llama_lora: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import streammerge
-    from streammerge import execute
+    from streammerge.inputs import mapped
 
     first = streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "ctypes")
     streammerge.run(first)
-    monkeypatch.setattr(execute, "_MADVISE", None)
+    monkeypatch.setattr(mapped, "_MADVISE", None)
     second = streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "stdlib")
     streammerge.run(second)
     assert (tmp_path / "ctypes" / "model.safetensors").read_bytes() == (tmp_path / "stdlib" / "model.safetensors").read_bytes()

@@ -36,7 +36,8 @@ def test_max_ram_too_small_is_refused_clearly(llama_base: Path, llama_lora: Path
 
 
 def test_max_ram_run_stays_under_the_budget(mid_model: tuple[Path, Path], tmp_path: Path) -> None:
-    from streammerge.plan import TORCH_GPU_BUILD_BYTES, torch_is_gpu_build
+    from streammerge.plan.estimate import TORCH_GPU_BUILD_BYTES
+    from streammerge.probe import torch_is_gpu_build
 
     base, lora = mid_model
     # A CUDA build of torch costs more at import (the estimate knows); 480 MiB is for the CPU build.

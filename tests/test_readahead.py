@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import streammerge
-from streammerge.readahead import Readahead
+from streammerge.inputs.readahead import Readahead
 
 
 def _record(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from streammerge.write import JOURNAL_FILE, STOP_AFTER_ENV
+from streammerge.journal import JOURNAL_FILE
+from streammerge.write import STOP_AFTER_ENV
 from tests.conftest import make_llama, make_lora, run_cli
 
 REPO = Path(__file__).parents[1]

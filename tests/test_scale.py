@@ -14,7 +14,8 @@ import pytest
 
 import streammerge
 from streammerge.formats.safetensors import OutputTensor, build_header
-from streammerge.plan import CUDA_RUNTIME_BYTES, STAGING_SLOTS, in_tile_bytes
+from streammerge.geometry import STAGING_SLOTS, in_tile_bytes
+from streammerge.plan.estimate import CUDA_RUNTIME_BYTES
 
 SHAPES = {
     # hidden, intermediate, layers, kv heads x head dim, vocab

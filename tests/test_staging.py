@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import streammerge
-from streammerge import execute
+from streammerge import device, execute
 from streammerge.staging import Staging
 from tests.quantized_fixtures import make_llama_4bit, make_lora_4bit
 
@@ -158,7 +158,7 @@ def test_auto_falls_back_to_the_cpu_with_a_note_when_cuda_does_not_start(monkeyp
 def test_auto_on_a_machine_without_a_gpu_says_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.version, "cuda", None)
-    monkeypatch.setattr(execute, "nvidia_device_node", lambda: False)
+    monkeypatch.setattr(device, "nvidia_device_node", lambda: False)
     assert execute.resolve_device("auto") == (torch.device("cpu"), None)
     monkeypatch.setattr(torch.version, "cuda", "13.0")  # a CUDA build of torch that finds no GPU: worth a word
     _, note = execute.resolve_device("auto")
@@ -192,9 +192,9 @@ def test_vram_cap_checks_the_plan_holds_the_allocator_to_the_budget_and_restores
     p = streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "o", device="cuda")
 
     with pytest.raises(streammerge.BudgetTooSmall, match=r"needs \d+ bytes of GPU memory, the budget is 1000 \(64424509440 free\)"):
-        execute._VramCap(p, 1000)
-    cap = execute._VramCap(p, None)
-    assert cap.budget == int(60 * gib * execute.VRAM_FRACTION) and calls == []  # checking takes nothing
+        device.VramCap(p, 1000)
+    cap = device.VramCap(p, None)
+    assert cap.budget == int(60 * gib * device.VRAM_FRACTION) and calls == []  # checking takes nothing
     cap.lift()  # before apply: nothing to restore
     assert calls == []
     cap.apply()

@@ -11,9 +11,11 @@ import pytest
 import torch
 
 import streammerge
-from streammerge import write
+from streammerge import write, writequeue
 from streammerge.errors import OutputError
-from streammerge.write import ALIGN, Writer, WriterState, aligned_start, partial_path
+from streammerge.geometry import ALIGN, aligned_start
+from streammerge.journal import partial_path
+from streammerge.write import Writer, WriterState
 from tests.conftest import load_folder
 
 
@@ -245,12 +247,12 @@ def test_journal_batches_wait_for_both_the_bytes_and_the_seconds(
         real(self, finished)
 
     monkeypatch.setattr(Writer, "commit", spy)
-    monkeypatch.setattr(write, "COMMIT_BYTES", 1)
-    monkeypatch.setattr(write, "COMMIT_SECONDS", 3600.0)  # bytes are due after every unit, seconds never
+    monkeypatch.setattr(writequeue, "COMMIT_BYTES", 1)
+    monkeypatch.setattr(writequeue, "COMMIT_SECONDS", 3600.0)  # bytes are due after every unit, seconds never
     p = streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "out")
     streammerge.run(p)
     assert batches == [len(p.units)]  # one fsync + journal batch, at the end
     batches.clear()
-    monkeypatch.setattr(write, "COMMIT_SECONDS", 0.0)
+    monkeypatch.setattr(writequeue, "COMMIT_SECONDS", 0.0)
     streammerge.run(streammerge.plan(llama_base, [str(llama_lora)], out=tmp_path / "out", overwrite=True))
     assert len(batches) == len(p.units) and set(batches) == {1}

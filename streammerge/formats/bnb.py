@@ -26,6 +26,10 @@ from streammerge.errors import BadCheckpoint
 from streammerge.formats.safetensors import TensorInfo
 
 STATE_PREFIX = ".quant_state.bitsandbytes__"
+ABSMAX, QUANT_MAP, NESTED_ABSMAX, NESTED_QUANT_MAP = ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map"
+"""Suffixes of a 4-bit weight's statistics tensors (appended to the weight's name)."""
+NESTED_BLOCKSIZE = 256
+"""bitsandbytes' block size for double-quantizing the block scales."""
 QUANT_TYPES = ("nf4", "fp4")
 JSON_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 MAX_STATE_BYTES = 64 * 1024
@@ -69,6 +73,19 @@ class Quant8bit:
 
 
 Quantized = Quant4bit | Quant8bit
+
+
+def state_name(weight: str, quant_type: str) -> str:
+    """The name of a 4-bit weight's quant-state tensor."""
+    return f"{weight}{STATE_PREFIX}{quant_type}"
+
+
+def state_json(quant_type: str, blocksize: int, dtype: str, shape: tuple[int, int], double: bool, offset: float) -> bytes:
+    """The quant-state JSON bitsandbytes writes for a 4-bit weight (same keys, same order)."""
+    state: dict[str, Any] = {"quant_type": quant_type, "blocksize": blocksize, "dtype": dtype, "shape": list(shape)}
+    if double:
+        state |= {"nested_blocksize": NESTED_BLOCKSIZE, "nested_dtype": "float32", "nested_offset": offset}
+    return json.dumps(state).encode("utf-8")
 
 
 def read_state_json(t: TensorInfo) -> dict[str, Any]:
@@ -135,12 +152,12 @@ def parse_4bit(tensors: dict[str, TensorInfo], state_t: TensorInfo) -> Quant4bit
         raise BadCheckpoint(
             f"{packed.path}: tensor {name!r} holds {packed.nbytes} bytes of 4-bit codes but its quant state says shape {shape} ({math.ceil(n / 2)} bytes)"
         )
-    quant_map = _need(tensors, name + ".quant_map", name)
+    quant_map = _need(tensors, name + QUANT_MAP, name)
     _expect(quant_map, "F32", (16,), "4-bit code table")
-    absmax = _need(tensors, name + ".absmax", name)
-    nested = "nested_blocksize" in state or name + ".nested_absmax" in tensors
+    absmax = _need(tensors, name + ABSMAX, name)
+    nested = "nested_blocksize" in state or name + NESTED_ABSMAX in tensors
     nested_absmax = nested_quant_map = None
-    nested_blocksize, nested_offset = 256, 0.0
+    nested_blocksize, nested_offset = NESTED_BLOCKSIZE, 0.0
     if nested:
         nested_blocksize = _int(state, "nested_blocksize", where)
         offset = state.get("nested_offset")
@@ -148,9 +165,9 @@ def parse_4bit(tensors: dict[str, TensorInfo], state_t: TensorInfo) -> Quant4bit
             raise BadCheckpoint(f"{where}: nested_offset must be a finite number, found {offset!r}")
         nested_offset = float(offset)
         _expect(absmax, "U8", (blocks,), "double-quantized block scales")
-        nested_absmax = _need(tensors, name + ".nested_absmax", name)
+        nested_absmax = _need(tensors, name + NESTED_ABSMAX, name)
         _expect(nested_absmax, "F32", (math.ceil(blocks / nested_blocksize),), "nested scales")
-        nested_quant_map = _need(tensors, name + ".nested_quant_map", name)
+        nested_quant_map = _need(tensors, name + NESTED_QUANT_MAP, name)
         _expect(nested_quant_map, "F32", (256,), "nested code table")
     else:
         _expect(absmax, "F32", (blocks,), "block scales")

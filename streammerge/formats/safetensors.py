@@ -57,15 +57,31 @@ FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 
 
 @dataclass(frozen=True)
-class TensorInfo:
-    """One tensor of a safetensors file: where its bytes are (absolute file offset) and what they are."""
+class Source:
+    """Where a tensor's bytes are: file, absolute offset, length, and what they hold."""
 
-    path: str
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
+    file: str
     offset: int
     nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, t: Source) -> Source:
+        """Just the location of ``t`` (a :class:`TensorInfo` without its name)."""
+        return Source(file=t.file, offset=t.offset, nbytes=t.nbytes, dtype=t.dtype, shape=t.shape)
+
+
+@dataclass(frozen=True)
+class TensorInfo(Source):
+    """One tensor of a safetensors file: its name and where its bytes are."""
+
+    name: str
+
+    @property
+    def path(self) -> str:
+        """The file holding the tensor (the same as :attr:`file`)."""
+        return self.file
 
 
 @dataclass(frozen=True)
@@ -268,7 +284,7 @@ def _parse_entry(path: str, name: str, entry: object, data_start: int) -> Tensor
     expected = bits // 8
     if end - begin != expected:
         raise BadCheckpoint(f"{where}: holds {end - begin} bytes but {dtype} x {_short(str(list(shape_t)))} needs {expected}")
-    return TensorInfo(path=path, name=name, dtype=dtype, shape=shape_t, offset=data_start + begin, nbytes=expected)
+    return TensorInfo(file=path, name=name, dtype=dtype, shape=shape_t, offset=data_start + begin, nbytes=expected)
 
 
 @dataclass(frozen=True)
@@ -278,6 +294,14 @@ class OutputTensor:
     name: str
     dtype: str
     shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class OutputSlot(OutputTensor):
+    """An output tensor with its place fixed: absolute offset in its file and length."""
+
+    offset: int
+    nbytes: int
 
 
 def build_header(tensors: list[OutputTensor], metadata: dict[str, str] | None = None) -> tuple[bytes, list[int]]:

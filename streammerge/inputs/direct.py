@@ -1,6 +1,6 @@
 """Direct reads: base-weight tiles read from the disk with ``O_DIRECT`` into a ring of reusable buffers.
 
-The other way in is mmap (:class:`streammerge.execute.SourceFiles`): the kernel reads a tile
+The other way in is mmap (:class:`streammerge.inputs.mapped.SourceFiles`): the kernel reads a tile
 into the page cache and the merge reads the mapped pages. Every page the disk filled then costs
 a CPU its first touch. On bare metal that is a page fault; on a virtual machine whose host
 reclaims free guest memory (a balloon with free-page reporting, as on the benchmark VMs) it is
@@ -27,40 +27,25 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import mmap
 import os
-import threading
-from collections.abc import Callable, Sequence
-from typing import cast
+from collections.abc import Sequence
 
 from streammerge.errors import StreamMergeError
-from streammerge.plan import Plan, tile_ranges
-
-ALIGN = 4096
-"""Offset, length and address alignment of every direct read (the largest common logical block size)."""
-
-NO_DIRECT_ENV = "STREAMMERGE_NO_DIRECT"
-"""Set (to anything), no O_DIRECT at all: ``--read auto`` maps the inputs, and the writer writes
-through the page cache."""
-
-Range = tuple[str, int, int]
-"""(file, offset, length) of one input tile."""
-
-
-def _open_direct(path: str) -> int:
-    return os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0) | getattr(os, "O_CLOEXEC", 0))
+from streammerge.geometry import ALIGN, Range, aligned_span, tile_ranges
+from streammerge.inputs.lookahead import Lookahead
+from streammerge.osio import buffer_address, direct_disabled, libc_function, open_direct
+from streammerge.plan.model import Plan
 
 
 def direct_problem(path: str) -> str | None:
     """Why ``path`` cannot be read with ``O_DIRECT``, or None when an aligned read of its first block works."""
-    if not hasattr(os, "O_DIRECT"):
-        return "this system has no O_DIRECT"
-    if os.environ.get(NO_DIRECT_ENV):
-        return f"{NO_DIRECT_ENV} is set"
+    disabled = direct_disabled()
+    if disabled:
+        return disabled
     buf = mmap.mmap(-1, ALIGN)
     try:
-        fd = _open_direct(path)
+        fd = open_direct(path)
     except OSError as e:
         buf.close()
         return f"{path}: {e.strerror or e}"
@@ -72,13 +57,6 @@ def direct_problem(path: str) -> str | None:
         buf.close()
         os.close(fd)
     return None
-
-
-def _span(offset: int, nbytes: int) -> tuple[int, int]:
-    """The aligned (start, length) a direct read of ``nbytes`` at ``offset`` covers."""
-    start = offset - offset % ALIGN
-    end = -(-(offset + nbytes) // ALIGN) * ALIGN
-    return start, end - start
 
 
 class DirectTiles:
@@ -102,26 +80,26 @@ class DirectTiles:
     def __init__(self, ranges: Sequence[Range], ahead: int = 1) -> None:
         self.ranges = list(ranges)
         self._slots = max(1, ahead + 1)
-        size = max((_span(offset, nbytes)[1] for _, offset, nbytes in self.ranges), default=0)
+        size = max((aligned_span(offset, nbytes)[1] for _, offset, nbytes in self.ranges), default=0)
         self._buffers = [mmap.mmap(-1, size) for _ in range(min(self._slots, len(self.ranges)))] if size else []
-        self._heads: dict[int, int | None] = {}
-        """Tile index -> where its first byte is in its buffer (None: the direct read failed)."""
         self._taken = 0  # tiles handed out by ready()
         self._released = 0  # tiles whose buffer is free again
-        self._cond = threading.Condition()
-        self._stop = False
+        self._head: int | None = None
+        """Where the first byte of the tile in use is in its buffer (None: not read directly)."""
         self._fds: dict[str, int | None] = {}
-        self._thread: threading.Thread | None = None
+        # A tile's buffer is reused only after its release: at most ``slots`` tiles beyond the released ones.
+        self._thread: Lookahead[int, int] = Lookahead(
+            "streammerge-direct-read", range(len(self.ranges)), self._read, size=lambda i: 1, limit=lambda done: done + self._slots
+        )
 
     def start(self) -> None:
-        if self._thread is None and self.ranges:
-            self._thread = threading.Thread(target=self._work, name="streammerge-direct-read", daemon=True)
+        if self.ranges:
             self._thread.start()
 
     def _fd(self, path: str) -> int | None:
         if path not in self._fds:
             try:
-                self._fds[path] = _open_direct(path)
+                self._fds[path] = open_direct(path)
             except OSError:
                 self._fds[path] = None
         return self._fds[path]
@@ -132,7 +110,7 @@ class DirectTiles:
         fd = self._fd(path)
         if fd is None:
             return None
-        start, length = _span(offset, nbytes)
+        start, length = aligned_span(offset, nbytes)
         view = memoryview(self._buffers[index % self._slots])
         try:
             got = 0
@@ -147,64 +125,39 @@ class DirectTiles:
             view.release()
         return offset - start if got >= offset - start + nbytes else None
 
-    def _work(self) -> None:
-        try:
-            for index in range(len(self.ranges)):
-                with self._cond:
-                    self._cond.wait_for(lambda i=index: self._stop or i < self._released + self._slots)  # type: ignore[misc]
-                    if self._stop:
-                        return
-                head = self._read(index)
-                with self._cond:
-                    self._heads[index] = head
-                    self._cond.notify_all()
-        finally:
-            with self._cond:
-                self._stop = True
-                self._cond.notify_all()
-
     def ready(self, path: str, offset: int, nbytes: int) -> bool:
         """Wait for the next tile, which must be ``(path, offset, nbytes)``; False if it was not read
         directly (the caller reads it another way)."""
         index = self._taken
         if index >= len(self.ranges) or self.ranges[index] != (path, offset, nbytes):
             raise AssertionError(f"direct read order: tile {index} is {(path, offset, nbytes)}, expected another")
-        with self._cond:
-            self._cond.wait_for(lambda: self._stop or index in self._heads)
-            self._taken = index + 1
-            return self._heads.get(index) is not None
+        self._head = self._thread.wait(index)
+        self._taken = index + 1
+        return self._head is not None
 
     def view(self, path: str, offset: int, nbytes: int) -> tuple[mmap.mmap, int] | None:
         """The buffer holding ``nbytes`` at ``offset`` of ``path`` and where they start in it, if they
         lie within the tile in use and it was read directly; else None."""
-        with self._cond:
-            index = self._taken - 1
-            head = self._heads.get(index) if index >= max(self._released, 0) else None
-        if head is None:
+        index = self._taken - 1
+        if self._head is None or index < self._released:
             return None
         tile_path, tile_offset, tile_bytes = self.ranges[index]
         if path != tile_path or not tile_offset <= offset <= offset + nbytes <= tile_offset + tile_bytes:
             return None
-        return self._buffers[index % self._slots], head + offset - tile_offset
+        return self._buffers[index % self._slots], self._head + offset - tile_offset
 
     def release(self, path: str, offset: int, nbytes: int) -> None:
         """The tile in use (``(path, offset, nbytes)``) is finished: its buffer may take the next read."""
         index = self._taken - 1
         if index < 0 or self.ranges[index] != (path, offset, nbytes):
             return
-        with self._cond:
-            self._released = max(self._released, index + 1)
-            self._heads.pop(index, None)
-            self._cond.notify_all()
+        self._released = max(self._released, index + 1)
+        self._head = None
+        self._thread.advance(self._released)
 
     def close(self) -> None:
         """Stop the thread (after the read in progress) and free the buffers; safe to call twice."""
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._thread.close()
         for fd in self._fds.values():
             if fd is not None:
                 os.close(fd)
@@ -225,22 +178,12 @@ CACHED_ENOUGH = 0.5
 in it already: a model just downloaded or merged a minute ago needs no disk at all that way."""
 
 
-def _libc_mincore() -> Callable[[int, int, ctypes.Array[ctypes.c_ubyte]], int] | None:
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).mincore
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    fn.restype = ctypes.c_int
-    return cast(Callable[[int, int, "ctypes.Array[ctypes.c_ubyte]"], int], fn)
-
-
 def cached_fraction(ranges: Sequence[Range], samples: int = 64, sample_bytes: int = 64 * 1024) -> float:
     """The fraction of the page-cache pages of ``samples`` evenly chosen ranges (their first
     ``sample_bytes``) that are resident, by ``mincore`` on a mapping that is never read; 0 where
     it cannot tell. Linux reports the page cache of files this process may write or owns; for
     others only pages it maps, so a foreign cached model counts as not cached (direct reads)."""
-    mincore = _libc_mincore()
+    mincore = libc_function("mincore", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p])
     if mincore is None or not ranges:
         return 0.0
     step = max(1, len(ranges) // samples)
@@ -251,9 +194,7 @@ def cached_fraction(ranges: Sequence[Range], samples: int = 64, sample_bytes: in
             if path not in maps:
                 with open(path, "rb") as f:
                     mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private and never written: no copy is made
-                view = ctypes.c_char.from_buffer(mm)
-                maps[path] = (mm, ctypes.addressof(view))
-                del view
+                maps[path] = (mm, buffer_address(mm))
             mm, address = maps[path]
             start = offset - offset % mmap.PAGESIZE
             end = min(len(mm), offset + min(nbytes, sample_bytes))

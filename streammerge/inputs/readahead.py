@@ -14,10 +14,11 @@ benchmark machine) and silently drops the rest of a larger range, so ranges are 
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Iterator
 
-from streammerge.plan import Plan
+from streammerge.inputs.lookahead import Lookahead
+from streammerge.osio import CLOEXEC
+from streammerge.plan.model import Plan
 
 READAHEAD_BYTES = 256 * 2**20
 """How far ahead of the merge reads are requested."""
@@ -27,7 +28,11 @@ CHUNK_BYTES = 4 * 2**20
 """Bytes per WILLNEED request: at most what the kernel honours in one call."""
 
 
-def _ranges(plan: Plan, chunk: int, skip_tiles: bool = False) -> Iterator[tuple[str, int, int, bool]]:
+Piece = tuple[str, int, int, bool]
+"""(file, offset, length, wanted) of one readahead request."""
+
+
+def _ranges(plan: Plan, chunk: int, skip_tiles: bool = False) -> Iterator[Piece]:
     """(file, offset, length, wanted) pieces of every input range, in the order the executor reads
     them; with ``skip_tiles`` the base weights of computed units (read with O_DIRECT, past the page
     cache) are not wanted."""
@@ -61,57 +66,41 @@ class Readahead:
         self.window = window_bytes
         self.start_window = max(start_bytes, window_bytes)
         self.skip_tiles = skip_tiles
-        """The base tiles are read with O_DIRECT (:mod:`streammerge.direct`): request only the rest."""
-        self._ranges = _ranges(plan, chunk_bytes, skip_tiles)
-        self._requested = 0
-        self._consumed = 0
+        """The base tiles are read with O_DIRECT (:mod:`streammerge.inputs.direct`): request only the rest."""
         self._fds: dict[str, int] = {}
-        self._cond = threading.Condition()
-        self._closed = False
-        self._thread: threading.Thread | None = None
+        self._failed = False
         self.enabled = hasattr(os, "posix_fadvise")
+        self._thread: Lookahead[Piece, bool] = Lookahead(
+            "streammerge-readahead", _ranges(plan, chunk_bytes, skip_tiles), self._request, size=lambda p: p[2], limit=self._limit
+        )
 
     def start(self) -> None:
         """Start requesting (the first window is larger: nothing is consumed while torch loads)."""
-        if self.enabled and self._thread is None:
-            self._thread = threading.Thread(target=self._work, name="streammerge-readahead", daemon=True)
+        if self.enabled:
             self._thread.start()
 
     def advance(self, consumed: int) -> None:
         """The merge has consumed ``consumed`` input bytes (in plan order): move the window along."""
-        with self._cond:
-            self._consumed = consumed
-            self._cond.notify_all()
+        self._thread.advance(consumed)
 
-    def _limit(self) -> int:
-        return self._consumed + (self.window if self._consumed else self.start_window)
+    def _limit(self, consumed: int) -> int:
+        return consumed + (self.window if consumed else self.start_window)
 
-    def _work(self) -> None:
-        for path, offset, nbytes, wanted in self._ranges:
-            with self._cond:
-                self._cond.wait_for(lambda: self._closed or self._requested < self._limit())
-                if self._closed:
-                    return
-                behind = self._requested + nbytes <= self._consumed  # already merged (a resumed run skips units)
-            self._requested += nbytes
-            if behind or not wanted:
-                continue
-            try:
-                fd = self._fds.get(path)
-                if fd is None:
-                    fd = self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                return  # only a hint; the reads themselves will report real errors
+    def _request(self, piece: Piece) -> None:
+        path, offset, nbytes, wanted = piece
+        if not wanted or self._failed:
+            return
+        try:
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY | CLOEXEC)
+            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            self._failed = True  # only a hint; the reads themselves will report real errors
 
     def close(self) -> None:
         """Stop the thread and close its files; safe to call twice."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._thread.close()
         fds, self._fds = self._fds, {}
         for fd in fds.values():
             os.close(fd)

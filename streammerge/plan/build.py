@@ -1,0 +1,197 @@
+"""``plan()``: base + adapters in, a :class:`~streammerge.plan.model.Plan` out, from headers alone.
+
+The steps, each in its own module: open the checkpoint and adapters (:mod:`streammerge.formats`),
+map adapter tensors onto base tensors (:mod:`.mapping`), choose what quantized weights become
+(:mod:`.quant`), make one unit per output tensor and lay them out in shards (:mod:`.layout`),
+estimate the run (:mod:`.estimate`), shrinking tiles until the estimate fits the budgets.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+from streammerge.errors import BadCheckpoint, BudgetTooSmall, StreamMergeError
+from streammerge.formats.bnb import Quant4bit, find_quantized
+from streammerge.formats.checkpoint import is_quantized, open_checkpoint
+from streammerge.formats.peft import WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
+from streammerge.formats.peft import open_adapter
+from streammerge.formats.safetensors import TensorInfo
+from streammerge.geometry import WRITE_BUFFERS
+from streammerge.plan.estimate import estimate_run
+from streammerge.plan.layout import adapter_files, check_output, files_to_copy, fingerprints, layout_shards, make_unit, output_config
+from streammerge.plan.mapping import BaseUpdate, adapter_tensors, map_updates
+from streammerge.plan.model import MODES, PLAN_VERSION, Plan, Shard, WorkUnit
+from streammerge.plan.quant import logical_view, quantized_default_dtype, quantized_notes, requant_choices, requant_config
+from streammerge.sizes import parse_dtype, parse_size
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+DEFAULT_TILE_BYTES = 64 * 2**20
+MIN_TILE_BYTES = 64 * 2**10
+COMBINATIONS = ("cat", "linear")
+
+
+def plan(
+    base: str | os.PathLike[str],
+    adapters: str | os.PathLike[str] | list[str] | list[os.PathLike[str]] | tuple[str, ...],
+    out: str | os.PathLike[str],
+    *,
+    dtype: str = "auto",
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
+    tile_size: int | str = DEFAULT_TILE_BYTES,
+    device: str = "auto",
+    overwrite: bool = False,
+    mode: str = "merged_16bit",
+    weights: list[float] | tuple[float, ...] | None = None,
+    combination: str = "cat",
+    max_ram: int | str | None = None,
+    vram_budget: int | str | None = None,
+) -> Plan:
+    """Plan merging LoRA ``adapters`` into the safetensors model ``base``, writing to ``out``.
+
+    Reads headers and JSON only. ``dtype`` is "auto" (keep each tensor's dtype; for a quantized
+    base its compute dtype) or one of bfloat16/bf16, float16/fp16, float32/fp32; sizes accept ints
+    or strings like "5GB", "512MiB". ``mode`` is one of :data:`MODES`. Several adapters are
+    combined with ``weights`` (default 1 each): ``combination="cat"`` adds ``sum_i w_i s_i B_i @ A_i``
+    (PEFT's ``add_weighted_adapter(..., combination_type="cat")``, exact, any ranks);
+    ``"linear"`` reproduces PEFT's ``linear`` (weighted sums of the A's and of the B's, equal ranks).
+    ``max_ram`` / ``vram_budget`` shrink the tiles until the estimate fits, or refuse with
+    :class:`BudgetTooSmall` when even the smallest tiles do not.
+
+    Example::
+
+        p = streammerge.plan("./base", ["./my-lora"], out="./merged", dtype="bfloat16")
+        print(p.estimate.peak_host_bytes, p.estimate.output_bytes)
+        p.save("plan.json")
+    """
+    out_dtype = parse_dtype(dtype)
+    max_shard_bytes = parse_size(max_shard_size, "max shard size")
+    tile_bytes = parse_size(tile_size, "tile size")
+    if device not in ("auto", "cpu", "cuda"):
+        raise StreamMergeError(f"device must be auto, cpu or cuda, not {device!r}")
+    if mode not in MODES:
+        raise StreamMergeError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if isinstance(adapters, (str, os.PathLike)):
+        adapters = [os.fspath(adapters)]
+    if not adapters:
+        raise StreamMergeError("give at least one adapter folder")
+    ckpt = open_checkpoint(base)
+    method = is_quantized(ckpt)
+    if method not in (None, "bitsandbytes", "bitsandbytes 4-bit", "bitsandbytes 8-bit"):
+        raise BadCheckpoint(f"{ckpt.root}: base is quantized with {method}; streammerge reads bitsandbytes 4/8-bit and unquantized bases")
+    quantized = find_quantized(ckpt.tensors)
+    if out_dtype == "auto" and (quantized or mode == "merged_4bit") and mode != "lora":
+        out_dtype = quantized_default_dtype(ckpt.config, quantized)
+    raw_tensors = ckpt.tensors
+    ckpt = logical_view(ckpt, quantized)
+    opened = [open_adapter(a) for a in adapters]
+    out_path = os.path.abspath(os.fspath(out))
+    check_output(out_path, [ckpt.root, *(a.root for a in opened)], overwrite)
+
+    adapter_weights = _check_weights(weights, len(opened))
+    if combination not in COMBINATIONS:
+        raise StreamMergeError(f"combination must be one of {', '.join(COMBINATIONS)}, not {combination!r}")
+    updates = map_updates(ckpt, opened, adapter_weights, combination)
+    notes = [f"{len(ckpt.ignored)} tensors stored in shards but absent from the index are not written (the index is authoritative)"] * bool(
+        ckpt.ignored
+    )
+    notes += updates.notes
+    if mode == "lora" and len(opened) > 1:
+        raise StreamMergeError("--mode lora writes one adapter; give exactly one")
+    requant = requant_choices(ckpt, quantized, out_dtype) if mode == "merged_4bit" else {}
+    # merged_4bit from a 4-bit base: weights no adapter touches keep their packed bytes and statistics
+    # exactly (a dequantize/re-quantize round trip would move ~2% of their values).
+    untouched = {n: q for n, q in quantized.items() if isinstance(q, Quant4bit) and n in requant and n not in updates.by_name}
+    for name in untouched:
+        del requant[name]
+
+    def raw_copies(t: TensorInfo) -> list[TensorInfo]:
+        q = untouched[t.name]
+        return [raw_tensors[t.name], *sorted(q.companions(), key=lambda c: c.name)]
+
+    if requant and importlib.util.find_spec("bitsandbytes") is None:
+        raise StreamMergeError("--mode merged_4bit quantizes with bitsandbytes, which is not installed: pip install 'streammerge[quant]'")
+
+    def lay_out(tile: int) -> tuple[list[WorkUnit], list[Shard]]:
+        if mode == "lora":
+            specs = [make_unit(t, BaseUpdate(), out_dtype, tile) for t in adapter_tensors(opened[0])]
+            return layout_shards(specs, max_shard_bytes, single_name=ADAPTER_WEIGHTS_NAME)
+        specs = []
+        for t in [*ckpt.ordered(), *updates.extra_tensors]:
+            if t.name in untouched:
+                specs += [make_unit(raw, BaseUpdate(), "auto", tile) for raw in raw_copies(t)]
+            else:
+                update = updates.by_name.get(t.name, BaseUpdate())
+                specs.append(make_unit(t, update, out_dtype, tile, quantized.get(t.name), requant.get(t.name), combination))
+        return layout_shards(specs, max_shard_bytes)
+
+    if mode == "lora":
+        copy_files, config = adapter_files(opened[0].root), None
+    else:
+        copy_files = files_to_copy(ckpt.root, [a.root for a in opened])
+        config = output_config(ckpt.config, out_dtype, requant_config(ckpt.config, quantized, out_dtype) if requant or untouched else None)
+        if config is not None:
+            config.update(updates.config_edits)
+    # Tiles shrink (halving) until the estimate fits --max-ram / --vram-budget.
+    ram_budget = None if max_ram is None else parse_size(max_ram, "max RAM")
+    vram = None if vram_budget is None else parse_size(vram_budget, "VRAM budget")
+    while True:
+        units, shards = lay_out(tile_bytes)
+        estimate = estimate_run(units, shards, copy_files, config, tile_bytes, device)
+        over_ram = ram_budget is not None and estimate.peak_host_bytes > ram_budget
+        over_vram = vram is not None and estimate.peak_device_bytes > vram
+        if not (over_ram or over_vram):
+            break
+        if tile_bytes <= MIN_TILE_BYTES:
+            what, need, have = ("RAM", estimate.peak_host_bytes, ram_budget) if over_ram else ("VRAM", estimate.peak_device_bytes, vram)
+            raise BudgetTooSmall(
+                f"{ckpt.root}: needs at least {need} bytes of {what} even with {MIN_TILE_BYTES}-byte tiles (largest unit "
+                f"{estimate.largest_unit}); the budget is {have}. Raise the budget."
+            )
+        tile_bytes = max(MIN_TILE_BYTES, tile_bytes // 2)
+    if mode != "lora":
+        notes += quantized_notes(quantized, any(u.op == "merge" and u.quant for u in units), units)
+        dora = [u for u in units if u.magnitude is not None]
+        if dora:
+            notes.append(
+                f"DoRA on {len(dora)} weights: each row's norm is taken within its tile (tiles hold whole rows), "
+                "so one pass suffices; the magnitudes add "
+                f"{sum(u.rows * 16 for u in dora) >> 10} KiB"
+            )
+        if requant:
+            notes.append(f"{len(requant)} weights are re-quantized to 4 bit ({next(iter(requant.values())).quant_type}) after merging")
+        if untouched:
+            notes.append(f"{len(untouched)} 4-bit weights no adapter touches are copied packed, bit for bit")
+    inputs = fingerprints(ckpt, opened, copy_files)
+    return Plan(
+        version=PLAN_VERSION,
+        base=ckpt.root,
+        adapters=tuple(a.root for a in opened),
+        out=out_path,
+        dtype=out_dtype,
+        device=device,
+        overwrite=overwrite,
+        mode=mode,
+        flavours=tuple(a.flavours for a in opened),
+        weights=tuple(adapter_weights),
+        combination=combination,
+        max_shard_bytes=max_shard_bytes,
+        write_buffers=WRITE_BUFFERS,
+        units=tuple(units),
+        shards=tuple(shards),
+        copy_files=tuple(copy_files),
+        config=config,
+        inputs=inputs,
+        estimate=estimate,
+        notes=tuple(notes),
+    )
+
+
+def _check_weights(weights: list[float] | tuple[float, ...] | None, count: int) -> list[float]:
+    if weights is None:
+        return [1.0] * count
+    values = list(weights)
+    if len(values) != count or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in values):
+        raise StreamMergeError(f"give one finite weight per adapter: {count} adapters, weights {values}")
+    return [float(w) for w in values]

@@ -1,0 +1,339 @@
+"""The plan as data: frozen dataclasses that round-trip through JSON.
+
+A :class:`Plan` is everything a run needs: one :class:`WorkUnit` per output tensor (where its
+input bytes are, what to do with them, exactly where its output bytes go), the output shards
+with their headers, the files to copy, the fingerprints of the inputs and the estimate. The
+executor and the writer make no layout decisions: they read these records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from streammerge.errors import PlanMismatch, StreamMergeError
+from streammerge.formats.bnb import ABSMAX, NESTED_ABSMAX, NESTED_BLOCKSIZE, NESTED_QUANT_MAP, QUANT_MAP, Quant8bit, Quantized, state_name
+from streammerge.formats.safetensors import OutputSlot, OutputTensor, Source
+
+PLAN_VERSION = 1
+
+Op = Literal["copy", "cast", "merge", "dequant"]
+MODES = ("merged_16bit", "merged_4bit", "lora")
+"""merged_16bit: a 16/32-bit model; merged_4bit: linear weights re-quantized with bitsandbytes (NF4);
+lora: only the adapter, normalised (key names, dtype), checked against the base."""
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class LoraTerm:
+    """``scale * (b @ a)`` added to the base weight (transposed when the base stores (in, out))."""
+
+    a: Source
+    b: Source
+    scale: float
+    transpose: bool
+    adapter: int
+    """Index into :attr:`Plan.adapters`."""
+
+
+@dataclass(frozen=True)
+class AddTerm:
+    """``scale * vector`` added to a 1-D base tensor (a LoRA bias added to the layer's bias)."""
+
+    source: Source
+    scale: float
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How to dequantize a bitsandbytes source: 4-bit (nf4/fp4) block scales or int8 row scales."""
+
+    kind: str
+    """"nf4", "fp4" or "int8"."""
+    blocksize: int
+    absmax: Source | None = None
+    quant_map: Source | None = None
+    nested_absmax: Source | None = None
+    nested_quant_map: Source | None = None
+    nested_blocksize: int = 0
+    nested_offset: float = 0.0
+    scb: Source | None = None
+
+    @classmethod
+    def of(cls, q: Quantized) -> QuantSpec:
+        if isinstance(q, Quant8bit):
+            return cls(kind="int8", blocksize=0, scb=Source.of(q.scb))
+        opt = [None if t is None else Source.of(t) for t in (q.nested_absmax, q.nested_quant_map)]
+        return cls(
+            kind=q.quant_type,
+            blocksize=q.blocksize,
+            absmax=Source.of(q.absmax),
+            quant_map=Source.of(q.quant_map),
+            nested_absmax=opt[0],
+            nested_quant_map=opt[1],
+            nested_blocksize=q.nested_blocksize if q.nested_absmax is not None else 0,
+            nested_offset=q.nested_offset,
+        )
+
+    @property
+    def statistics(self) -> tuple[Source, ...]:
+        """The statistics tensors a dequantization reads, in the order the executor loads them."""
+        return tuple(s for s in (self.absmax, self.quant_map, self.nested_absmax, self.nested_quant_map, self.scb) if s is not None)
+
+
+@dataclass(frozen=True)
+class RequantSpec:
+    """Quantize the merged weight back to 4 bit (``--mode merged_4bit``), as bitsandbytes does."""
+
+    quant_type: str
+    blocksize: int
+    double_quant: bool
+    logical_shape: tuple[int, int]
+    state_dtype: str
+    """The dequantized dtype the quant state records (a torch dtype name, e.g. "bfloat16")."""
+    state_bytes: int
+    """Fixed length of the quant-state JSON (padded with spaces) so its offset is known at plan time."""
+
+    @property
+    def blocks(self) -> int:
+        return math.ceil(self.logical_shape[0] * self.logical_shape[1] / self.blocksize)
+
+    def stats(self, name: str) -> list[OutputTensor]:
+        """The statistics tensors bitsandbytes stores beside the packed weight ``name``."""
+        out = [OutputTensor(name + ABSMAX, "U8" if self.double_quant else "F32", (self.blocks,))]
+        if self.double_quant:
+            out += [
+                OutputTensor(name + NESTED_ABSMAX, "F32", (math.ceil(self.blocks / NESTED_BLOCKSIZE),)),
+                OutputTensor(name + NESTED_QUANT_MAP, "F32", (256,)),
+            ]
+        return [
+            *out,
+            OutputTensor(name + QUANT_MAP, "F32", (16,)),
+            OutputTensor(state_name(name, self.quant_type), "U8", (self.state_bytes,)),
+        ]
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """One output tensor: its source, what to do, and exactly where its bytes go.
+
+    The planner first makes units without a place (``shard``/``offset`` -1); the shard layout
+    (:func:`streammerge.plan.layout.layout_shards`) then fixes every unit's shard and offset.
+    """
+
+    name: str
+    op: Op
+    source: Source
+    lora: tuple[LoraTerm, ...]
+    out_dtype: str
+    base_dtype: str
+    """The dtype the base model holds this weight in. A source in another dtype (a weight PEFT
+    saved with the adapter) is rounded to it first, as loading it into the base model would."""
+    shape: tuple[int, ...]
+    rows: int
+    row_elems: int
+    tile_rows: int
+    """The unit is processed as a (rows, row_elems) matrix, ``tile_rows`` rows at a time."""
+    chunk_rows: int
+    """Rows of one float64 accumulator chunk within a tile (merges only)."""
+    work_bytes: int
+    """Bytes this unit needs while it runs, beyond the runtime and the shared buffers: one tile of
+    everything it touches and what it holds for the whole unit (:func:`streammerge.plan.estimate.unit_bytes`)."""
+    quant: QuantSpec | None = None
+    """Set when the source is a bitsandbytes-quantized weight: dequantize each tile first."""
+    requant: RequantSpec | None = None
+    """Set in merged_4bit mode for weights written 4-bit: ``out_dtype``/``shape`` are then the packed bytes."""
+    extra: tuple[OutputSlot, ...] = ()
+    """Further tensors this unit writes (a re-quantized weight's statistics), all in the same shard."""
+    magnitude: Source | None = None
+    """DoRA: each row of ``W + delta`` is rescaled to this magnitude (norm over the row, float64)."""
+    adds: tuple[AddTerm, ...] = ()
+    """Vectors added times their scale (lora_bias), for 1-D units."""
+    combination: str = "cat"
+    """How several LoRA terms combine: "cat" sums the deltas; "linear" multiplies the weighted sums of
+    the B's and of the A's (PEFT's ``linear``), each term's ``scale`` being its weight times its scaling."""
+    shard: int = -1
+    offset: int = -1
+    nbytes: int = -1
+    """Index into :attr:`Plan.shards`, absolute offset in that file and length of the main tensor."""
+
+    def outputs(self) -> list[OutputTensor]:
+        """Every tensor the unit writes, in file order: the main one, then its statistics."""
+        return [OutputTensor(self.name, self.out_dtype, self.shape), *(self.requant.stats(self.name) if self.requant else [])]
+
+    @property
+    def inputs(self) -> tuple[Source, ...]:
+        """Every input the unit reads: the source, each term's A and B, the quantization statistics,
+        the DoRA magnitude and added vectors. The readahead and the executor both measure their
+        position in these bytes."""
+        stats = () if self.quant is None else self.quant.statistics
+        vectors = (self.magnitude, *(a.source for a in self.adds))
+        return (self.source, *(s for term in self.lora for s in (term.a, term.b)), *stats, *(s for s in vectors if s is not None))
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(s.nbytes for s in self.inputs)
+
+    @property
+    def written_bytes(self) -> int:
+        """Bytes of every tensor the unit writes (the main one and its statistics)."""
+        return self.nbytes + sum(x.nbytes for x in self.extra)
+
+
+@dataclass(frozen=True)
+class Shard:
+    file: str
+    header: str
+    """The complete header as written: 8-byte length prefix as 16 hex digits, then the JSON text."""
+    size: int
+    tensors: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CopyFile:
+    src: str
+    dst: str
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    path: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What the run will need. ``peak_host_bytes`` is an upper bound of the run's peak RSS."""
+
+    peak_host_bytes: int
+    peak_device_bytes: int
+    output_bytes: int
+    read_bytes: int
+    tile_bytes: int
+    units: dict[str, int]
+    largest_unit: str
+    seconds: float = 0.0
+    """Rough wall time on a CPU like the one the benchmarks ran on (see :data:`streammerge.plan.estimate.RATES`); the disk decides."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a run needs, as data. Save with :meth:`save`, reload with :meth:`load`."""
+
+    version: int
+    base: str
+    adapters: tuple[str, ...]
+    out: str
+    dtype: str
+    """Requested output dtype: a safetensors dtype name, or "auto" (each tensor keeps its own)."""
+    device: str
+    overwrite: bool
+    mode: str
+    """merged_16bit, merged_4bit or lora (see :data:`MODES`)."""
+    flavours: tuple[tuple[str, ...], ...]
+    """What each adapter holds (lora, rslora, dora, embedding lora, modules_to_save, ...)."""
+    weights: tuple[float, ...]
+    combination: str
+    max_shard_bytes: int
+    write_buffers: int
+    """How many output tiles may be in flight (see :func:`streammerge.geometry.out_tile_bytes` for their size)."""
+    units: tuple[WorkUnit, ...]
+    shards: tuple[Shard, ...]
+    copy_files: tuple[CopyFile, ...]
+    config: dict[str, Any] | None
+    """config.json to write (quantization_config dropped, dtype set), or None if the base has none."""
+    inputs: tuple[Fingerprint, ...]
+    estimate: Estimate
+    notes: tuple[str, ...] = field(default=())
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the plan as JSON; ``Plan.load`` gives back an equal plan."""
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Plan:
+        try:
+            with open(path, encoding="utf-8") as f:
+                obj = json.load(f)
+        except (OSError, ValueError) as e:
+            raise PlanMismatch(f"{os.fspath(path)}: cannot read plan ({e})") from e
+        return plan_from_dict(obj, where=os.fspath(path))
+
+    def index(self) -> dict[str, Any]:
+        """The ``model.safetensors.index.json`` content of the output."""
+        total = sum(u.written_bytes for u in self.units)
+        params = sum(math.prod(u.requant.logical_shape if u.requant else u.shape) for u in self.units)
+        names = [(name, u.shard) for u in self.units for name in (u.name, *(x.name for x in u.extra))]
+        weight_map = {name: self.shards[shard].file for name, shard in sorted(names)}
+        return {"metadata": {"total_size": total, "total_parameters": params}, "weight_map": weight_map}
+
+
+def shard_header_bytes(shard: Shard) -> bytes:
+    """Decode :attr:`Shard.header` back into the bytes written at the start of the shard file."""
+    return bytes.fromhex(shard.header[:16]) + shard.header[16:].encode("ascii")
+
+
+def _tuple(x: Any) -> tuple[Any, ...]:
+    return tuple(x)
+
+
+def plan_from_dict(obj: Any, where: str = "plan") -> Plan:
+    """Rebuild a :class:`Plan` from its JSON form, refusing plans of another version."""
+    try:
+        if obj.get("version") != PLAN_VERSION:
+            raise PlanMismatch(f"{where}: plan version {obj.get('version')!r}, this streammerge reads version {PLAN_VERSION}")
+
+        def src(d: dict[str, Any]) -> Source:
+            return Source(**{**d, "shape": _tuple(d["shape"])})
+
+        def quant(d: dict[str, Any] | None) -> QuantSpec | None:
+            if d is None:
+                return None
+            fields: dict[str, Any] = {k: (src(v) if isinstance(v, dict) else v) for k, v in d.items()}
+            return QuantSpec(**fields)
+
+        units = tuple(
+            WorkUnit(
+                **{
+                    **u,
+                    "source": src(u["source"]),
+                    "shape": _tuple(u["shape"]),
+                    "lora": tuple(LoraTerm(**{**t, "a": src(t["a"]), "b": src(t["b"])}) for t in u["lora"]),
+                    "quant": quant(u.get("quant")),
+                    "requant": None
+                    if u.get("requant") is None
+                    else RequantSpec(**{**u["requant"], "logical_shape": _tuple(u["requant"]["logical_shape"])}),
+                    "extra": tuple(OutputSlot(**{**x, "shape": _tuple(x["shape"])}) for x in u.get("extra", ())),
+                    "magnitude": None if u.get("magnitude") is None else src(u["magnitude"]),
+                    "adds": tuple(AddTerm(source=src(a["source"]), scale=a["scale"]) for a in u.get("adds", ())),
+                }
+            )
+            for u in obj["units"]
+        )
+        return Plan(
+            **{
+                **obj,
+                "adapters": _tuple(obj["adapters"]),
+                "flavours": tuple(_tuple(f) for f in obj["flavours"]),
+                "weights": _tuple(obj["weights"]),
+                "units": units,
+                "shards": tuple(Shard(**{**s, "tensors": _tuple(s["tensors"])}) for s in obj["shards"]),
+                "copy_files": tuple(CopyFile(**c) for c in obj["copy_files"]),
+                "inputs": tuple(Fingerprint(**i) for i in obj["inputs"]),
+                "estimate": Estimate(**obj["estimate"]),
+                "notes": _tuple(obj.get("notes", ())),
+            }
+        )
+    except StreamMergeError:
+        raise
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise PlanMismatch(f"{where}: not a streammerge plan ({type(e).__name__}: {e})") from e
