@@ -18,7 +18,7 @@ import click
 from streammerge.errors import StreamMergeError
 from streammerge.plan import DEFAULT_TILE_BYTES, MODES, Plan
 from streammerge.plan import plan as make_plan
-from streammerge.sizes import format_bytes, parse_size
+from streammerge.sizes import format_bytes, format_seconds, parse_size
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -223,7 +223,10 @@ def _describe_plan(p: Plan) -> list[tuple[str, str]]:
         ("peak RAM", f"{format_bytes(e.peak_host_bytes)}  (largest unit: {e.largest_unit})"),
         ("peak VRAM", format_bytes(e.peak_device_bytes) if e.peak_device_bytes else "none (CPU)"),
         ("disk", f"{format_bytes(e.output_bytes)} written, {format_bytes(e.read_bytes)} read"),
-        ("time", f"about {e.seconds:.0f} s on a 2-core machine with a ~0.5 GB/s disk (the disk decides)"),
+        (
+            "time",
+            f"about {format_seconds(e.seconds)} on a 2-core machine with a ~0.5 GB/s disk (the disk decides), after 1-3 s to start torch",
+        ),
     ]
     rows += [("note", n) for n in p.notes]
     return rows

@@ -58,3 +58,17 @@ def format_bytes(n: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     raise AssertionError("unreachable")
+
+
+def format_seconds(s: float) -> str:
+    """Durations for humans: 0.04 -> 'under 0.1 s', 7.25 -> '7.2 s', 95 -> '1 min 35 s', 4000 -> '1 h 7 min'."""
+    if s < 0.1:
+        return "under 0.1 s"
+    if s < 10:
+        return f"{s:.1f} s"
+    if s < 60:
+        return f"{s:.0f} s"
+    minutes = round(s) // 60
+    if minutes < 60:
+        return f"{minutes} min {round(s) % 60} s"
+    return f"{minutes // 60} h {minutes % 60} min"

@@ -24,7 +24,7 @@ from streammerge.plan.layout import adapter_files, check_output, files_to_copy, 
 from streammerge.plan.mapping import BaseUpdate, adapter_tensors, map_updates
 from streammerge.plan.model import MODES, PLAN_VERSION, Plan, Shard, WorkUnit
 from streammerge.plan.quant import logical_view, quantized_default_dtype, quantized_notes, requant_choices, requant_config
-from streammerge.sizes import parse_dtype, parse_size
+from streammerge.sizes import format_bytes, parse_dtype, parse_size
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 DEFAULT_TILE_BYTES = 64 * 2**20
@@ -146,8 +146,8 @@ def plan(
         if tile_bytes <= MIN_TILE_BYTES:
             what, need, have = ("RAM", estimate.peak_host_bytes, ram_budget) if over_ram else ("VRAM", estimate.peak_device_bytes, vram)
             raise BudgetTooSmall(
-                f"{ckpt.root}: needs at least {need} bytes of {what} even with {MIN_TILE_BYTES}-byte tiles (largest unit "
-                f"{estimate.largest_unit}); the budget is {have}. Raise the budget."
+                f"{ckpt.root}: needs at least {format_bytes(need)} of {what} even with {format_bytes(MIN_TILE_BYTES)} tiles "
+                f"(largest unit {estimate.largest_unit}); the budget is {format_bytes(have or 0)}. Raise the budget."
             )
         tile_bytes = max(MIN_TILE_BYTES, tile_bytes // 2)
     if mode != "lora":

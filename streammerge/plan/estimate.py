@@ -31,14 +31,17 @@ from streammerge.geometry import (
 from streammerge.plan.model import CopyFile, Estimate, LoraTerm, Shard, WorkUnit
 from streammerge.probe import merges_on_gpu, torch_is_gpu_build
 
-RATES = {"startup_s": 4.0, "read_bytes_per_s": 1.0e9, "write_bytes_per_s": 0.45e9, "merge_s_per_elem": 2e-9, "dequant_s_per_elem": 2.5e-9}
+RATES = {"startup_s": 0.2, "read_bytes_per_s": 1.0e9, "write_bytes_per_s": 0.45e9, "merge_s_per_elem": 2e-9, "dequant_s_per_elem": 2.5e-9}
 """Measured on the benchmark machines (docs/benchmarks.md: 2-core EPYC and Xeon, virtual disks):
 cold reads and writes with fsync on the slower (EPYC) disk (reads and writes share the disk, so
 their times add up); the float64 merge and 4-bit dequantization on two merging threads while the
-disk threads run (3B cold on the Xeon: 13-14 s for a bf16 base, 13-15 s from NF4); importing
-torch. Computing overlaps the disk, so the estimate is the slower of the two plus the start-up."""
-RUNTIME_BASE_BYTES = 400 * 2**20
-"""Resident memory of the interpreter with torch imported, before any tensor (measured ~230 MB, padded)."""
+disk threads run (3B cold on the Xeon: 13-14 s for a bf16 base, 13-15 s from NF4); a run's fixed
+costs once torch is imported (the import itself, 1-3 s, comes before and is not counted, as in
+:attr:`~streammerge.execute.Report.seconds`). Computing overlaps the disk, so the estimate is the
+slower of the two plus the fixed costs."""
+RUNTIME_BASE_BYTES = 320 * 2**20
+"""Resident memory of the interpreter with torch imported, before any tensor: 219 MiB measured with
+torch 2.13.0+cpu on Python 3.11 (a whole merge of a 1.5 MiB model peaked at ~250 MiB), padded."""
 BNB_IMPORT_BYTES = 160 * 2**20
 """Importing bitsandbytes (only for merged_4bit output) adds ~130 MB of resident memory here."""
 TORCH_GPU_BUILD_BYTES = 384 * 2**20
@@ -181,5 +184,5 @@ def estimate_run(
         tile_bytes=tile_bytes,
         units=dict(Counter(u.op for u in units)),
         largest_unit=largest.name,
-        seconds=round(seconds, 1),
+        seconds=round(seconds, 2),
     )

@@ -218,7 +218,8 @@ class Estimate:
     units: dict[str, int]
     largest_unit: str
     seconds: float = 0.0
-    """Rough wall time on a CPU like the one the benchmarks ran on (see :data:`streammerge.plan.estimate.RATES`); the disk decides."""
+    """Rough wall time of the run itself (as :attr:`Report.seconds` measures it, after torch has
+    started) on a CPU like the benchmarks' (see :data:`streammerge.plan.estimate.RATES`); the disk decides."""
 
 
 @dataclass(frozen=True)
