@@ -34,7 +34,19 @@ STOP_AFTER_ENV = "STREAMMERGE_TEST_STOP_AFTER_UNITS"
 """Test hook: the process dies (as if killed) right after this many units are journaled."""
 KILL_AT_ENV = "STREAMMERGE_TEST_KILL_AT"
 """Test hook: the process dies (as if killed) at the named point of the writer (see :data:`KILL_POINTS`)."""
-KILL_POINTS = ("partial-made", "shards-reserved", "before-finish", "files-copied", "manifest-written", "renamed")
+KILL_POINTS = (
+    "draft-made",
+    "partial-made",
+    "shards-reserved",
+    "before-journal",
+    "before-finish",
+    "files-copied",
+    "manifest-written",
+    "renamed",
+)
+"""In run order: the draft folder holds the plan; the partial folder appeared; its shards are reserved;
+the first units' bytes are fsynced but not journaled; every unit is journaled; config/index/tokenizer
+files are in; the manifest is in; the folder is renamed to OUT (its bookkeeping files not yet removed)."""
 
 
 def _dump_json(obj: object) -> bytes:
@@ -119,6 +131,7 @@ class Writer:
         try:
             os.makedirs(draft)
             write_file(os.path.join(draft, PLAN_FILE), plan_identity(self.plan).encode("utf-8"))
+            _kill_point("draft-made")
             os.rename(draft, self.partial)
             fsync_dir(os.path.dirname(self.partial) or ".")
         except OSError as e:
@@ -248,6 +261,7 @@ class Writer:
         try:
             for shard in sorted({units[i].shard for i, _ in finished}):
                 os.fdatasync(self._fds[shard])
+            _kill_point("before-journal")
             self._journal.append(finished, [units[i].name for i, _ in finished])
         except OSError as e:
             raise self._error(os.path.join(self.partial, JOURNAL_FILE), e) from e

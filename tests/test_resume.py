@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from streammerge.journal import JOURNAL_FILE
-from streammerge.write import STOP_AFTER_ENV
+from streammerge.journal import JOURNAL_FILE, PLAN_FILE
+from streammerge.write import KILL_AT_ENV, KILL_POINTS, STOP_AFTER_ENV
 from tests.conftest import make_llama, make_lora, run_cli
 
 REPO = Path(__file__).parents[1]
@@ -118,3 +118,30 @@ def test_run_plan_file_with_resume(model: tuple[Path, Path, dict[str, str]], tmp
     assert r.exit_code == 0, r.stderr
     assert "resumed: 7 of" in r.stderr
     assert digest(tmp_path / "out") == reference
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_killed_at_every_writer_phase_then_rerun_is_byte_identical(
+    model: tuple[Path, Path, dict[str, str]], tmp_path: Path, point: str
+) -> None:
+    """Each phase of the writer, in order, killed as by SIGKILL: the same command with --resume
+    then finishes (or starts afresh where nothing was done), and never does a half-written OUT appear."""
+    base, lora, reference = model
+    out, partial = tmp_path / "out", tmp_path / "out.partial"
+    args = [str(base), str(lora), "-o", str(out), "--max-shard-size", "400KB", "-q"]
+    proc = cli_process("merge", *args, env={KILL_AT_ENV: point, "STREAMMERGE_COMMIT_BYTES": "1", "STREAMMERGE_COMMIT_SECONDS": "0"})
+    proc.communicate(timeout=300)
+    assert proc.returncode == 137
+    if point == "renamed":  # complete and fsynced; only the resume bookkeeping was not removed yet
+        assert {k: v for k, v in digest(out).items() if not k.startswith(".")} == reference
+        assert run_cli("verify", str(out)).exit_code == 0
+        return
+    assert not out.exists()
+    if point == "draft-made":
+        assert not partial.exists() and [p.name for p in tmp_path.iterdir()] == [f"out.partial.draft-{proc.pid}"]
+    else:
+        assert (partial / PLAN_FILE).is_file()  # the partial folder never appears without its plan
+    r = run_cli("merge", *args, "--resume")
+    assert r.exit_code == 0, r.stderr
+    assert digest(out) == reference
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no partial folder, no stale draft
