@@ -28,7 +28,7 @@ _dtype_option = click.option(
     default="auto",
     show_default=True,
     help="Output dtype of floating tensors: bfloat16/bf16, float16/fp16, float32/fp32, or auto (each tensor keeps the "
-    "base's dtype; from a bitsandbytes base, its bnb_4bit_compute_dtype or model dtype).",
+    "base's dtype; from a bitsandbytes base, its bnb_4bit_compute_dtype or model dtype; from an FP8 base, the model dtype).",
 )
 _shard_option = click.option(
     "--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 2GiB, 512MiB (one tensor never splits)."
@@ -52,7 +52,9 @@ _mode_option = click.option(
     default="merged_16bit",
     show_default=True,
     help="merged_16bit: a standalone 16-bit model; merged_4bit: linear weights re-quantized to 4 bit (bitsandbytes NF4, "
-    "or the base's own 4-bit settings); lora: only the adapter, normalised and checked against the base.",
+    "or the base's own 4-bit settings); merged_fp8: from an FP8 base (block-wise fp8 or compressed-tensors), the merged "
+    "weights re-quantized into its own FP8 format and blocks with fresh scales, the model keeping the base's size; "
+    "lora: only the adapter, normalised and checked against the base.",
 )
 _weights_option = click.option(
     "--weights",
@@ -278,6 +280,7 @@ def merge(reads: str, resume: bool, verify_after: bool, quiet: bool, **spec: Any
       streammerge merge ./Llama-3.1-8B ./my-lora -o ./merged --dtype bfloat16
       streammerge merge ./llama-bnb-4bit ./qlora -o ./merged            (16-bit output)
       streammerge merge ./llama-bnb-4bit ./qlora -o ./merged-4bit --mode merged_4bit
+      streammerge merge ./DeepSeek-V3 ./lora -o ./merged-fp8 --mode merged_fp8   (FP8 in, FP8 out)
     Several adapters: streammerge merge BASE A1 A2 -o OUT --weights 0.7,0.3 gives
     W + sum_i w_i s_i B_i @ A_i (one read and one write of the base, whatever their number).
     """

@@ -34,7 +34,7 @@ from streammerge.inputs.mapped import SourceFiles, Tiles
 from streammerge.kernels import ACCUMULATE, TORCH_DTYPES, Factors, Workspace, combine_linear, merge_rows
 from streammerge.plan.layout import check_inputs_unchanged, check_output
 from streammerge.plan.model import LoraTerm, Plan, WorkUnit
-from streammerge.quantize import Dequantizer, Requantizer
+from streammerge.quantize import Dequantizer, FP8Requantizer, Requantizer
 from streammerge.sizes import format_bytes
 from streammerge.staging import Sink, Staging, pinned_buffer
 from streammerge.write import Writer
@@ -154,7 +154,7 @@ def split_rows(unit: WorkUnit, rows: int) -> int:
     if rows * unit.row_elems < 2 * SPLIT_MIN_ELEMS:
         return 0
     step = 1
-    if unit.quant is not None and unit.quant.kind != "int8":  # each half starts on a block boundary
+    if unit.quant is not None and unit.quant.kind in ("nf4", "fp4"):  # each half starts on a 4-bit block boundary
         step = unit.quant.blocksize // math.gcd(unit.row_elems, unit.quant.blocksize)
     half = rows // 2 // step * step
     return half if 0 < half < rows else 0
@@ -173,7 +173,7 @@ class _UnitRun:
     adds: list[tuple[torch.Tensor, float]]
     acc: torch.Tensor | None
     dequant: Dequantizer | None
-    requant: Requantizer | None
+    requant: Requantizer | FP8Requantizer | None
 
     @classmethod
     def start(cls, unit: WorkUnit, files: SourceFiles, out: Sink, work: Workspace, tiles: Tiles) -> _UnitRun:
@@ -190,7 +190,7 @@ class _UnitRun:
             adds=[(_load_vector(files, a.source, work.device), a.scale) for a in unit.adds],
             acc=work.get("acc", ACCUMULATE, (unit.chunk_rows, unit.row_elems)) if factors else None,
             dequant=Dequantizer.load(files, unit.quant, work.device) if unit.quant else None,
-            requant=Requantizer(unit) if unit.requant else None,
+            requant=None if unit.requant is None else FP8Requantizer(unit, work) if unit.requant.quant_type == "fp8" else Requantizer(unit),
         )
 
     @property
@@ -286,15 +286,15 @@ def _staged_tile(run: _UnitRun, row0: int, n: int) -> int:
 
 
 def _requant_tile(run: _UnitRun, row0: int, n: int) -> int:
-    """Merged in float32, then packed to 4 bit by bitsandbytes (on the CPU or a GPU)."""
+    """Merged in float32, then packed to 4 bit by bitsandbytes or quantized to FP8 (on the CPU or a GPU)."""
     unit = run.unit
-    assert run.requant is not None
+    assert run.requant is not None and unit.requant is not None
     first = row0 * unit.row_elems
     result = run.work.get("requant", torch.float32, (n, unit.row_elems))
     run.compute(run.load(row0, n, "", DEQUANT_THREADS if run.work.device.type == "cpu" else None), row0, run.acc, result)
     packed = run.requant.tile(result, first)
     buffer = run.out.acquire()
-    at = unit.offset + first // 2
+    at = unit.offset + unit.requant.out_offset(first)
     start = aligned_start(at)
     torch.frombuffer(buffer, dtype=torch.uint8, count=packed.numel(), offset=start).copy_(packed)
     run.out.write(unit.shard, at, unit.name, buffer, packed.numel(), start)

@@ -43,7 +43,7 @@ def tile_range(unit: WorkUnit, row0: int, rows: int) -> Range:
     """The input bytes (file, offset, length) that rows ``row0 : row0 + rows`` of a computed unit read."""
     src = unit.source
     first, count = row0 * unit.row_elems, rows * unit.row_elems
-    if unit.quant is not None and unit.quant.kind == "int8":  # one byte per element
+    if unit.quant is not None and unit.quant.kind in ("int8", "fp8"):  # one byte per element
         return src.file, src.offset + first, count
     if unit.quant is not None:  # two 4-bit codes per byte; tiles start on a block boundary
         start, end = first // 2, (first + count + 1) // 2

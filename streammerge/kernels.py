@@ -173,6 +173,99 @@ def dequant_int8(rows: torch.Tensor, scb: torch.Tensor, out: torch.Tensor, work:
     return out.copy_(values)
 
 
+def fp8_scale_rows(scales: torch.Tensor, row0: int, rows: int, block_rows: int) -> torch.Tensor:
+    """The (rows, grid columns) float32 scales of rows ``row0 : row0 + rows``: each row takes its block row's scales."""
+    first, last = row0 // block_rows, (row0 + rows - 1) // block_rows
+    expanded = scales[first : last + 1].repeat_interleave(block_rows, dim=0)
+    start = row0 - first * block_rows
+    return expanded[start : start + rows]
+
+
+def dequant_fp8(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    row0: int,
+    block_rows: int,
+    block_cols: int,
+    out: torch.Tensor,
+    work: Workspace | None = None,
+    role: str = "",
+) -> torch.Tensor:
+    """Rows ``row0 : row0 + len(out)`` of an FP8 weight: ``float32(code) * float32(scale of its block)``, one cast into ``out``.
+
+    ``codes`` holds the rows' float8_e4m3fn bytes (uint8), ``scales`` all the weight's float32 block
+    scales as a (ceil(rows / block_rows), ceil(cols / block_cols)) grid; edge blocks may be partial.
+    This is transformers' ``Fp8Dequantize`` (float32 product, cast to the model dtype) and DeepSeek's
+    ``weight_dequant``. The float32 temporary comes from ``work`` under ``role`` when given.
+
+    >>> codes = torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float8_e4m3fn).view(torch.uint8)
+    >>> dequant_fp8(codes, torch.tensor([[2.0, 10.0]]), 0, 1, 2, torch.empty(1, 3)).tolist()
+    [[2.0, -4.0, 5.0]]
+    """
+    n, cols = out.shape
+    values = (work or Workspace(codes.device)).get("fp8" + role, torch.float32, (n, cols))
+    values.copy_(codes.view(torch.float8_e4m3fn).view(n, cols))
+    rows_scales = fp8_scale_rows(scales, row0, n, block_rows)
+    full = cols // block_cols
+    if full:
+        values[:, : full * block_cols].view(n, full, block_cols).mul_(rows_scales[:, :full, None])
+    if full * block_cols < cols:
+        values[:, full * block_cols :].mul_(rows_scales[:, full : full + 1])
+    return out.copy_(values)
+
+
+FP8_MAX = 448.0
+"""torch.finfo(torch.float8_e4m3fn).max."""
+
+
+def quant_fp8(
+    x: torch.Tensor, block_rows: int, block_cols: int, fmt: str, scale_dtype: torch.dtype, work: Workspace | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize float32 rows ``x`` (whole block rows, but for a last partial one) to float8_e4m3fn with a fresh
+    scale per (block_rows, block_cols) block; returns (codes as uint8 (rows, cols), scales (grid) in ``scale_dtype``).
+
+    ``fmt`` "inverse" is transformers' ``Fp8Quantize`` (DeepSeek's layout): ``s = 448 / amax`` in float32 (1 for an
+    all-zero block), codes ``clamp(x * s)``, stored ``1 / s``; "pow2" rounds that stored value up to a power of two and
+    quantizes with its reciprocal (``scale_fmt`` ue8m0); "divide" is compressed-tensors': ``scale = amax / 448`` rounded
+    to ``scale_dtype``, codes ``clamp(x / scale)``. Edge blocks take the amax of the elements they hold.
+
+    >>> codes, s = quant_fp8(torch.tensor([[1.0, -448.0, 3.0, 0.0]]), 1, 2, "inverse", torch.float32)
+    >>> codes.view(torch.float8_e4m3fn).float().tolist(), s.tolist()
+    ([[1.0, -448.0, 448.0, 0.0]], [[1.0, 0.006696428172290325]])
+    """
+    n, cols = x.shape
+    gr, gc = -(-n // block_rows), -(-cols // block_cols)
+    work = work or Workspace(x.device)
+    tmp = work.get("fp8q", torch.float32, (gr * block_rows, gc * block_cols))
+    if tmp.shape != x.shape:
+        tmp.zero_()
+    tmp[:n, :cols].copy_(x).abs_()
+    amax = tmp.view(gr, block_rows, gc, block_cols).amax(dim=(1, 3))
+    if fmt == "divide":
+        stored = (amax / FP8_MAX).to(scale_dtype)
+        stored = torch.where(stored > 0, stored, torch.ones_like(stored))
+        divisor = stored.float()
+        mul = None
+    else:
+        safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+        scale = torch.where(amax > 0, FP8_MAX / safe, torch.ones_like(amax))
+        inverse = (1.0 / scale).to(torch.float32)
+        if fmt == "pow2":
+            inverse = torch.pow(2.0, torch.ceil(torch.log2(inverse.clamp(min=torch.finfo(torch.float32).tiny))))
+            scale = 1.0 / inverse
+        stored, divisor, mul = inverse.to(scale_dtype), None, scale
+    view = tmp.view(gr, block_rows, gc, block_cols)
+    tmp[:n, :cols].copy_(x)
+    if mul is not None:
+        view.mul_(mul[:, None, :, None])
+    else:
+        assert divisor is not None
+        view.div_(divisor[:, None, :, None])
+    view.clamp_(-FP8_MAX, FP8_MAX)
+    codes = tmp[:n, :cols].to(torch.float8_e4m3fn).view(torch.uint8)
+    return codes, stored
+
+
 class Workspace:
     """Flat device buffers reused from tile to tile (grown, never shrunk), keyed by role and dtype."""
 

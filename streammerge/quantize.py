@@ -1,9 +1,10 @@
-"""bitsandbytes weights tile by tile: dequantize a base weight's rows, quantize merged rows back to 4 bit.
+"""Quantized weights tile by tile: dequantize a base weight's rows, quantize merged rows back.
 
 :class:`Dequantizer` loads a unit's statistics once (block scales, double-quantized scales, the
-code table) and dequantizes each tile from its packed bytes with :mod:`streammerge.kernels`;
-:class:`Requantizer` packs merged float32 tiles with bitsandbytes' own quantizer and produces the
-statistics tensors at the end of the unit, laid out as the plan fixed them.
+code table; FP8 block scales, checked finite and positive) and dequantizes each tile from its
+stored bytes with :mod:`streammerge.kernels`; :class:`Requantizer` packs merged float32 tiles with
+bitsandbytes' own quantizer, :class:`FP8Requantizer` into FP8 with fresh block scales, and both
+produce the statistics tensors at the end of the unit, laid out as the plan fixed them.
 """
 
 from __future__ import annotations
@@ -12,10 +13,21 @@ from dataclasses import dataclass
 
 import torch
 
+from streammerge.errors import BadCheckpoint
 from streammerge.formats.bnb import ABSMAX, NESTED_ABSMAX, NESTED_BLOCKSIZE, NESTED_QUANT_MAP, QUANT_MAP, state_name
 from streammerge.formats.safetensors import Source
 from streammerge.inputs.mapped import SourceFiles
-from streammerge.kernels import TORCH_DTYPES, Workspace, as_bytes, dequant_4bit, dequant_int8, double_quant_scales, nibble_table
+from streammerge.kernels import (
+    TORCH_DTYPES,
+    Workspace,
+    as_bytes,
+    dequant_4bit,
+    dequant_fp8,
+    dequant_int8,
+    double_quant_scales,
+    nibble_table,
+    quant_fp8,
+)
 from streammerge.plan.model import QuantSpec, WorkUnit
 from streammerge.plan.quant import quant_state_bytes
 
@@ -51,6 +63,9 @@ class Dequantizer:
 
         if quant.kind == "int8":
             return cls(quant, None, load(quant.scb))
+        if quant.kind == "fp8":
+            assert quant.scale is not None
+            return cls(quant, None, fp8_scales(load(quant.scale), quant))
         table = _nibble_table(load(quant.quant_map))
         if quant.nested_absmax is not None:
             nested_map = load(quant.nested_quant_map)
@@ -67,12 +82,55 @@ class Dequantizer:
         n = out.shape[0]
         first, count = row0 * unit.row_elems, n * unit.row_elems
         raw = raw.to(out.device)
-        if self.table is None:  # int8: one byte per element, one scale per row
+        if self.quant.kind == "fp8":
+            q = self.quant
+            dequant_fp8(raw, self.scales, row0, q.block_rows, q.block_cols, out.view(n, unit.row_elems), work, role)
+        elif self.table is None:  # int8: one byte per element, one scale per row
             dequant_int8(raw.view(torch.int8).view(n, unit.row_elems), self.scales[row0 : row0 + n], out, work, role)
         else:
             blocksize = self.quant.blocksize
             scales = self.scales[first // blocksize : (first + count + blocksize - 1) // blocksize]
             dequant_4bit(raw, self.table, scales, blocksize, out, work, role)
+
+
+def fp8_scales(raw: torch.Tensor, quant: QuantSpec) -> torch.Tensor:
+    """An FP8 weight's scales as a float32 (grid rows, grid columns) tensor; a NaN, infinite, zero or negative
+    scale is refused with the file and tensor named (it would silently zero or poison its block)."""
+    assert quant.scale is not None
+    values = raw.float().reshape(-1)
+    bad = ~(torch.isfinite(values) & (values > 0))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise BadCheckpoint(
+            f"{quant.scale.file}: tensor {quant.scale_name!r}: FP8 scale {i} is {float(values[i])} "
+            f"({int(bad.sum())} of {values.numel()} scales are not finite and positive)"
+        )
+    shape = quant.scale.shape  # per-tensor and per-channel scales may be stored flat: one grid column
+    return values.view(-1, shape[1] if len(shape) == 2 else 1)
+
+
+class FP8Requantizer:
+    """Quantizes a unit's merged float32 tiles into FP8 with a fresh scale per block; the scales are written at the end."""
+
+    def __init__(self, unit: WorkUnit, work: Workspace) -> None:
+        assert unit.requant is not None
+        self.unit = unit
+        self.spec = unit.requant
+        self.work = work
+        grid = (-(-self.spec.logical_shape[0] // self.spec.block_rows), -(-self.spec.logical_shape[1] // self.spec.block_cols))
+        self.scales = torch.empty(grid, dtype=TORCH_DTYPES[self.spec.scale_dtype])
+
+    def tile(self, merged: torch.Tensor, first: int) -> torch.Tensor:
+        """FP8 codes (uint8, CPU) of one merged float32 tile starting on a block row."""
+        spec = self.spec
+        row0 = first // spec.logical_shape[1]
+        codes, scales = quant_fp8(merged, spec.block_rows, spec.block_cols, spec.scale_fmt, self.scales.dtype, self.work)
+        g0 = row0 // spec.block_rows
+        self.scales[g0 : g0 + scales.shape[0]] = scales.cpu()
+        return codes.reshape(-1).cpu()
+
+    def statistics(self) -> dict[str, bytes]:
+        return {self.spec.scale_name: bytes(as_bytes(self.scales))}
 
 
 class Requantizer:

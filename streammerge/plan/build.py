@@ -13,17 +13,27 @@ import math
 import os
 
 from streammerge.errors import BadCheckpoint, BudgetTooSmall, StreamMergeError
-from streammerge.formats.bnb import Quant4bit, find_quantized
+from streammerge.formats.bnb import Quant4bit
 from streammerge.formats.checkpoint import is_quantized, open_checkpoint
+from streammerge.formats.fp8 import FP8_METHODS, FP8Weight
 from streammerge.formats.peft import WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
 from streammerge.formats.peft import open_adapter
+from streammerge.formats.quantized import find_quantized
 from streammerge.formats.safetensors import TensorInfo
 from streammerge.geometry import WRITE_BUFFERS
 from streammerge.plan.estimate import estimate_run
 from streammerge.plan.layout import adapter_files, check_output, files_to_copy, fingerprints, layout_shards, make_unit, output_config
 from streammerge.plan.mapping import BaseUpdate, adapter_tensors, map_updates
 from streammerge.plan.model import MODES, PLAN_VERSION, Plan, Shard, WorkUnit
-from streammerge.plan.quant import logical_view, quantized_default_dtype, quantized_notes, requant_choices, requant_config
+from streammerge.plan.quant import (
+    fp8_notes,
+    fp8_requant_choices,
+    logical_view,
+    quantized_default_dtype,
+    quantized_notes,
+    requant_choices,
+    requant_config,
+)
 from streammerge.sizes import format_bytes, parse_dtype, parse_size
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
@@ -78,9 +88,18 @@ def plan(
         raise StreamMergeError("give at least one adapter folder")
     ckpt = open_checkpoint(base)
     method = is_quantized(ckpt)
-    if method not in (None, "bitsandbytes", "bitsandbytes 4-bit", "bitsandbytes 8-bit"):
-        raise BadCheckpoint(f"{ckpt.root}: base is quantized with {method}; streammerge reads bitsandbytes 4/8-bit and unquantized bases")
-    quantized = find_quantized(ckpt.tensors)
+    if method not in (None, "bitsandbytes", "bitsandbytes 4-bit", "bitsandbytes 8-bit", *FP8_METHODS):
+        raise BadCheckpoint(
+            f"{ckpt.root}: base is quantized with {method}; streammerge reads bitsandbytes 4/8-bit, FP8 (fp8, compressed-tensors) "
+            "and unquantized bases"
+        )
+    model_dtype = quantized_default_dtype({k: v for k, v in (ckpt.config or {}).items() if k != "quantization_config"}, {})
+    quantized = find_quantized(ckpt.tensors, ckpt.config, model_dtype, ckpt.root)
+    fp8 = {n: q for n, q in quantized.items() if isinstance(q, FP8Weight)}
+    if method in FP8_METHODS and not fp8:
+        raise BadCheckpoint(f"{ckpt.root}: config.json says {method} but no weight has FP8 scales beside it; checkpoint incomplete?")
+    if mode == "merged_fp8" and not fp8:
+        raise StreamMergeError(f"{ckpt.root}: --mode merged_fp8 re-quantizes an FP8 base into its own format; this base has no FP8 weights")
     if out_dtype == "auto" and (quantized or mode == "merged_4bit") and mode != "lora":
         out_dtype = quantized_default_dtype(ckpt.config, quantized)
     raw_tensors = ckpt.tensors
@@ -100,15 +119,22 @@ def plan(
     if mode == "lora" and len(opened) > 1:
         raise StreamMergeError("--mode lora writes one adapter; give exactly one")
     requant = requant_choices(ckpt, quantized, out_dtype) if mode == "merged_4bit" else {}
-    # merged_4bit from a 4-bit base: weights no adapter touches keep their packed bytes and statistics
-    # exactly (a dequantize/re-quantize round trip would move ~2% of their values).
-    untouched = {n: q for n, q in quantized.items() if isinstance(q, Quant4bit) and n in requant and n not in updates.by_name}
+    if mode == "merged_fp8":
+        requant = fp8_requant_choices(quantized, ckpt.config)
+    # merged_4bit from a 4-bit base (merged_fp8 from an FP8 one): weights no adapter touches keep their
+    # packed bytes and statistics exactly (a dequantize/re-quantize round trip would move ~2% of their values).
+    untouched = {n: q for n, q in quantized.items() if isinstance(q, (Quant4bit, FP8Weight)) and n in requant and n not in updates.by_name}
     for name in untouched:
         del requant[name]
 
     def raw_copies(t: TensorInfo) -> list[TensorInfo]:
         q = untouched[t.name]
         return [raw_tensors[t.name], *sorted(q.companions(), key=lambda c: c.name)]
+
+    def kept_activation_scales(t: TensorInfo) -> list[TensorInfo]:
+        """merged_fp8: a re-quantized weight's static activation scales, copied as they are."""
+        q = quantized.get(t.name)
+        return list(q.activation) if isinstance(q, FP8Weight) and t.name in requant else []
 
     if requant and importlib.util.find_spec("bitsandbytes") is None:
         raise StreamMergeError("--mode merged_4bit quantizes with bitsandbytes, which is not installed: pip install 'streammerge[quant]'")
@@ -124,13 +150,19 @@ def plan(
             else:
                 update = updates.by_name.get(t.name, BaseUpdate())
                 specs.append(make_unit(t, update, out_dtype, tile, quantized.get(t.name), requant.get(t.name), combination))
+                specs += [make_unit(a, BaseUpdate(), "auto", tile) for a in kept_activation_scales(t)]
         return layout_shards(specs, max_shard_bytes)
 
     if mode == "lora":
         copy_files, config = adapter_files(opened[0].root), None
     else:
         copy_files = files_to_copy(ckpt.root, [a.root for a in opened])
-        config = output_config(ckpt.config, out_dtype, requant_config(ckpt.config, quantized, out_dtype) if requant or untouched else None)
+        quantization = None
+        if mode == "merged_fp8":
+            quantization = (ckpt.config or {}).get("quantization_config")
+        elif requant or untouched:
+            quantization = requant_config(ckpt.config, quantized, out_dtype)
+        config = output_config(ckpt.config, out_dtype, quantization)
         if config is not None:
             config.update(updates.config_edits)
     # Tiles shrink (halving) until the estimate fits --max-ram / --vram-budget.
@@ -159,10 +191,17 @@ def plan(
                 "so one pass suffices; the magnitudes add "
                 f"{sum(u.rows * 16 for u in dora) >> 10} KiB"
             )
-        if requant:
+        if requant and mode == "merged_fp8":
+            notes += fp8_notes(requant)
+        elif requant:
             notes.append(f"{len(requant)} weights are re-quantized to 4 bit ({next(iter(requant.values())).quant_type}) after merging")
         if untouched:
-            notes.append(f"{len(untouched)} 4-bit weights no adapter touches are copied packed, bit for bit")
+            kind = (
+                "FP8 weights no adapter touches are copied with their scales"
+                if mode == "merged_fp8"
+                else "4-bit weights no adapter touches are copied packed"
+            )
+            notes.append(f"{len(untouched)} {kind}, bit for bit")
     inputs = fingerprints(ckpt, opened, copy_files)
     return Plan(
         version=PLAN_VERSION,

@@ -55,11 +55,15 @@ DEVICE_ALLOCATOR_SLACK_BYTES = 64 * 2**20
 allocations of 1-10 MiB from 20 MiB segments and rounds larger ones up to 2 MiB."""
 PER_UNIT_BOOKKEEPING_BYTES = 4096
 """Plan objects and progress state per work unit, resident for the whole run."""
-QUANT_ROW_COST = {"nf4": 4 + 4 + 1, "fp4": 4 + 4 + 1, "int8": 4 + 4}
-"""Temporaries per element while dequantizing a tile: float32 values, indices or int8 widening, slack."""
+QUANT_ROW_COST = {"nf4": 4 + 4 + 1, "fp4": 4 + 4 + 1, "int8": 4 + 4, "fp8": 4 + 1}
+"""Temporaries per element while dequantizing a tile: float32 values, indices or int8 widening (FP8: the
+float32 product and its block scales expanded over the rows), slack."""
 REQUANT_ELEM_BYTES = 4 + 2
 """Per element of a tile re-quantized to 4 bit: the merged tile in float32, then bitsandbytes'
 packed codes and temporaries."""
+FP8_REQUANT_ELEM_BYTES = 4 + 4 + 1 + 1 + 2
+"""Per element of a tile re-quantized to FP8: the merged tile in float32, the float32 scaled copy
+(padded to whole blocks at the edges), the codes and their CPU copy, slack for the block reductions."""
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,9 @@ def unit_cost(u: WorkUnit) -> UnitCost:
     kernel copies them file to file)."""
     if u.op == "copy":
         return UnitCost(0, 0)
-    out_size = REQUANT_ELEM_BYTES if u.requant is not None else DTYPE_SIZES.get(u.out_dtype, 1)
+    out_size = DTYPE_SIZES.get(u.out_dtype, 1)
+    if u.requant is not None:
+        out_size = FP8_REQUANT_ELEM_BYTES if u.requant.quant_type == "fp8" else REQUANT_ELEM_BYTES
     if u.quant is not None:
         per_row = u.row_elems * (1 + DTYPE_SIZES[u.base_dtype] + QUANT_ROW_COST[u.quant.kind] + out_size)
     else:
@@ -119,6 +125,8 @@ def _stats_bytes(u: WorkUnit) -> int:
     from, and the 1 MiB table that decodes pairs of 4-bit bytes)."""
     q = u.quant
     assert q is not None
+    if q.scale is not None:  # the stored scales, their float32 grid and the validity masks
+        return q.scale.nbytes + math.prod(q.scale.shape) * (4 + 4)
     if q.scb is not None:
         return 2 * q.scb.nbytes
     assert q.absmax is not None
@@ -158,7 +166,7 @@ def estimate_run(
     prefetched = PREFETCH_TILES * in_tile_bytes(units) + (PREFETCH_TILES + 1) * 2 * ALIGN
     buffers = WRITE_BUFFERS * (out_tile_bytes(units) + ALIGN) + acc_chunk_bytes(units) + COPY_FALLBACK_BYTES + prefetched
     host = RUNTIME_BASE_BYTES + PER_UNIT_BOOKKEEPING_BYTES * len(units) + buffers + peak_unit
-    if any(u.requant for u in units):
+    if any(u.requant and u.requant.quant_type != "fp8" for u in units):
         host += BNB_IMPORT_BYTES
     if torch_is_gpu_build():
         host += TORCH_GPU_BUILD_BYTES

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from streammerge.errors import BadCheckpoint, OutputError, PlanMismatch
-from streammerge.formats.bnb import Quant4bit, Quantized
 from streammerge.formats.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, WEIGHT_SUFFIXES, Checkpoint, check_inside
 from streammerge.formats.peft import Adapter
+from streammerge.formats.quantized import Quantized, stored
 from streammerge.formats.safetensors import FLOAT_DTYPES, OutputSlot, Source, TensorInfo, build_header, tensor_nbytes
 from streammerge.geometry import ACC_CHUNK_BYTES, ACC_SIZE
 from streammerge.plan.estimate import unit_cost
@@ -48,7 +48,7 @@ def make_unit(
         t = dataclasses.replace(update.source, name=t.name)
         source = Source.of(t)
     elif quantized is not None:
-        source = Source.of(quantized.packed if isinstance(quantized, Quant4bit) else quantized.weight)
+        source = Source.of(stored(quantized))
     else:
         source = Source.of(t)
     shape = t.shape
@@ -57,7 +57,9 @@ def make_unit(
         rows, row_elems = shape[0], shape[1]
     else:  # copy/cast do not care about the shape: stream the flat elements
         rows, row_elems = math.prod(shape), 1
-    if requant is not None:  # the main output is the packed codes
+    if requant is not None and requant.quant_type == "fp8":  # the main output is the FP8 codes
+        dtype = "F8_E4M3"
+    elif requant is not None:  # the main output is the packed codes
         dtype, shape = "U8", (math.ceil(math.prod(shape) / 2), 1)
     unit = WorkUnit(
         name=t.name, op=op, source=source, lora=lora, out_dtype=dtype, base_dtype=base_dtype, shape=shape, rows=rows,
@@ -76,6 +78,12 @@ def size_tiles(unit: WorkUnit, tile_bytes: int) -> WorkUnit:
         if blocksize:  # 4-bit blocks run over the flattened weight, across rows
             step = blocksize // math.gcd(row_elems, blocksize)
             tile_rows = min(rows, max(step, tile_rows - tile_rows % step))
+    # FP8 tiles hold whole block rows: needed to re-quantize (a block's amax), kept for dequantizing but
+    # where one scale covers all rows (per tensor), whose tiles may start anywhere.
+    dequant_step = unit.quant.row_step if unit.quant and unit.quant.row_step < rows else 1
+    step = math.lcm(dequant_step, unit.requant.row_step if unit.requant else 1)
+    if step > 1:
+        tile_rows = min(rows, max(step, tile_rows - tile_rows % step))
     chunk_rows = max(1, min(tile_rows, ACC_CHUNK_BYTES // max(1, row_elems * ACC_SIZE))) if unit.op == "merge" else tile_rows
     sized = dataclasses.replace(unit, tile_rows=tile_rows, chunk_rows=chunk_rows)
     return dataclasses.replace(sized, work_bytes=unit_cost(sized).at(tile_rows))

@@ -16,14 +16,17 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from streammerge.errors import PlanMismatch, StreamMergeError
-from streammerge.formats.bnb import ABSMAX, NESTED_ABSMAX, NESTED_BLOCKSIZE, NESTED_QUANT_MAP, QUANT_MAP, Quant8bit, Quantized, state_name
+from streammerge.formats.bnb import ABSMAX, NESTED_ABSMAX, NESTED_BLOCKSIZE, NESTED_QUANT_MAP, QUANT_MAP, Quant8bit, state_name
+from streammerge.formats.fp8 import FP8Weight
+from streammerge.formats.quantized import Quantized
 from streammerge.formats.safetensors import OutputSlot, OutputTensor, Source
 
 PLAN_VERSION = 1
 
 Op = Literal["copy", "cast", "merge", "dequant"]
-MODES = ("merged_16bit", "merged_4bit", "lora")
+MODES = ("merged_16bit", "merged_4bit", "merged_fp8", "lora")
 """merged_16bit: a 16/32-bit model; merged_4bit: linear weights re-quantized with bitsandbytes (NF4);
+merged_fp8: an FP8 base's weights re-quantized into its own FP8 format and blocks, fresh scales;
 lora: only the adapter, normalised (key names, dtype), checked against the base."""
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -50,10 +53,11 @@ class AddTerm:
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How to dequantize a bitsandbytes source: 4-bit (nf4/fp4) block scales or int8 row scales."""
+    """How to dequantize a quantized source: bitsandbytes 4-bit (nf4/fp4) block scales or int8 row
+    scales, or FP8 codes with one scale per (block_rows, block_cols) block."""
 
     kind: str
-    """"nf4", "fp4" or "int8"."""
+    """"nf4", "fp4", "int8" or "fp8"."""
     blocksize: int
     absmax: Source | None = None
     quant_map: Source | None = None
@@ -62,9 +66,19 @@ class QuantSpec:
     nested_blocksize: int = 0
     nested_offset: float = 0.0
     scb: Source | None = None
+    scale: Source | None = None
+    """FP8: the float scales, (ceil(rows / block_rows), ceil(cols / block_cols)) values."""
+    scale_name: str = ""
+    """FP8: the scale tensor's name (for error messages)."""
+    block_rows: int = 0
+    block_cols: int = 0
 
     @classmethod
     def of(cls, q: Quantized) -> QuantSpec:
+        if isinstance(q, FP8Weight):
+            return cls(
+                kind="fp8", blocksize=0, scale=Source.of(q.scale), scale_name=q.scale.name, block_rows=q.block[0], block_cols=q.block[1]
+            )
         if isinstance(q, Quant8bit):
             return cls(kind="int8", blocksize=0, scb=Source.of(q.scb))
         opt = [None if t is None else Source.of(t) for t in (q.nested_absmax, q.nested_quant_map)]
@@ -82,12 +96,20 @@ class QuantSpec:
     @property
     def statistics(self) -> tuple[Source, ...]:
         """The statistics tensors a dequantization reads, in the order the executor loads them."""
-        return tuple(s for s in (self.absmax, self.quant_map, self.nested_absmax, self.nested_quant_map, self.scb) if s is not None)
+        stats = (self.absmax, self.quant_map, self.nested_absmax, self.nested_quant_map, self.scb, self.scale)
+        return tuple(s for s in stats if s is not None)
+
+    @property
+    def row_step(self) -> int:
+        """Tiles start on a multiple of this many rows: whole FP8 block rows (1 otherwise; 4-bit blocks run
+        across rows and are aligned by ``blocksize``)."""
+        return self.block_rows if self.kind == "fp8" else 1
 
 
 @dataclass(frozen=True)
 class RequantSpec:
-    """Quantize the merged weight back to 4 bit (``--mode merged_4bit``), as bitsandbytes does."""
+    """Quantize the merged weight back to 4 bit (``--mode merged_4bit``), as bitsandbytes does, or
+    to FP8 (``--mode merged_fp8``, ``quant_type`` "fp8") with a fresh scale per block."""
 
     quant_type: str
     blocksize: int
@@ -97,13 +119,38 @@ class RequantSpec:
     """The dequantized dtype the quant state records (a torch dtype name, e.g. "bfloat16")."""
     state_bytes: int
     """Fixed length of the quant-state JSON (padded with spaces) so its offset is known at plan time."""
+    block_rows: int = 0
+    block_cols: int = 0
+    """FP8: the rows and columns one scale covers."""
+    scale_name: str = ""
+    """FP8: the scale tensor written beside the weight (``X.weight_scale_inv`` or ``X.weight_scale``)."""
+    scale_dtype: str = ""
+    scale_shape: tuple[int, ...] = ()
+    """FP8: the scale tensor's dtype and shape, as the base stores them."""
+    scale_fmt: str = ""
+    """FP8: "inverse" (block FP8: scale_inv = 1 / (448 / amax), codes = x * (448 / amax), as transformers
+    quantizes), "pow2" (the same, scale_inv rounded up to a power of two: ``scale_fmt`` ue8m0) or "divide"
+    (compressed-tensors: scale = amax / 448 in the scale's dtype, codes = x / scale)."""
 
     @property
     def blocks(self) -> int:
+        if self.quant_type == "fp8":
+            return math.ceil(self.logical_shape[0] / self.block_rows) * math.ceil(self.logical_shape[1] / self.block_cols)
         return math.ceil(self.logical_shape[0] * self.logical_shape[1] / self.blocksize)
 
+    @property
+    def row_step(self) -> int:
+        """Tiles start on a multiple of this many rows (FP8: whole block rows, so each block's amax is in one tile)."""
+        return self.block_rows if self.quant_type == "fp8" else 1
+
+    def out_offset(self, first: int) -> int:
+        """Byte offset in the main output of the element ``first``: one byte per FP8 code, two 4-bit codes per byte."""
+        return first if self.quant_type == "fp8" else first // 2
+
     def stats(self, name: str) -> list[OutputTensor]:
-        """The statistics tensors bitsandbytes stores beside the packed weight ``name``."""
+        """The statistics tensors stored beside the weight ``name``: bitsandbytes' for 4 bit, the scales for FP8."""
+        if self.quant_type == "fp8":
+            return [OutputTensor(self.scale_name, self.scale_dtype, self.scale_shape)]
         out = [OutputTensor(name + ABSMAX, "U8" if self.double_quant else "F32", (self.blocks,))]
         if self.double_quant:
             out += [
@@ -235,7 +282,7 @@ class Plan:
     device: str
     overwrite: bool
     mode: str
-    """merged_16bit, merged_4bit or lora (see :data:`MODES`)."""
+    """merged_16bit, merged_4bit, merged_fp8 or lora (see :data:`MODES`)."""
     flavours: tuple[tuple[str, ...], ...]
     """What each adapter holds (lora, rslora, dora, embedding lora, modules_to_save, ...)."""
     weights: tuple[float, ...]
@@ -302,6 +349,11 @@ def plan_from_dict(obj: Any, where: str = "plan") -> Plan:
             fields: dict[str, Any] = {k: (src(v) if isinstance(v, dict) else v) for k, v in d.items()}
             return QuantSpec(**fields)
 
+        def requant(d: dict[str, Any] | None) -> RequantSpec | None:
+            if d is None:
+                return None
+            return RequantSpec(**{**d, "logical_shape": _tuple(d["logical_shape"]), "scale_shape": _tuple(d.get("scale_shape", ()))})
+
         units = tuple(
             WorkUnit(
                 **{
@@ -310,9 +362,7 @@ def plan_from_dict(obj: Any, where: str = "plan") -> Plan:
                     "shape": _tuple(u["shape"]),
                     "lora": tuple(LoraTerm(**{**t, "a": src(t["a"]), "b": src(t["b"])}) for t in u["lora"]),
                     "quant": quant(u.get("quant")),
-                    "requant": None
-                    if u.get("requant") is None
-                    else RequantSpec(**{**u["requant"], "logical_shape": _tuple(u["requant"]["logical_shape"])}),
+                    "requant": requant(u.get("requant")),
                     "extra": tuple(OutputSlot(**{**x, "shape": _tuple(x["shape"])}) for x in u.get("extra", ())),
                     "magnitude": None if u.get("magnitude") is None else src(u["magnitude"]),
                     "adds": tuple(AddTerm(source=src(a["source"]), scale=a["scale"]) for a in u.get("adds", ())),

@@ -1,4 +1,4 @@
-"""Quantized bases: what a model sees of them, and what ``--mode merged_4bit`` writes in 4 bit.
+"""Quantized bases: what a model sees of them, and what ``--mode merged_4bit`` / ``merged_fp8`` write.
 
 The planner's view of a bitsandbytes checkpoint (logical dtypes and shapes, statistics hidden),
 the default output dtype, which weights are re-quantized and with which settings, and the
@@ -11,8 +11,10 @@ import dataclasses
 from collections import Counter
 from typing import Any
 
-from streammerge.formats.bnb import Quant4bit, Quant8bit, Quantized, state_json
+from streammerge.formats.bnb import Quant4bit, Quant8bit, state_json
 from streammerge.formats.checkpoint import Checkpoint
+from streammerge.formats.fp8 import SCALE, SCALE_INV, FP8Weight
+from streammerge.formats.quantized import Quantized
 from streammerge.formats.safetensors import FLOAT_DTYPES, TensorInfo
 from streammerge.plan.estimate import dequant_costs
 from streammerge.plan.model import RequantSpec, WorkUnit
@@ -50,6 +52,25 @@ def requant_choices(ckpt: Checkpoint, quantized: dict[str, Quantized], out_dtype
     return chosen
 
 
+def fp8_requant_choices(quantized: dict[str, Quantized], config: dict[str, Any] | None) -> dict[str, RequantSpec]:
+    """Which weights ``--mode merged_fp8`` writes in FP8: exactly the base's FP8 weights, each in its own
+    format and blocks, its scale tensor under the same name, dtype and shape."""
+    qc = (config or {}).get("quantization_config")
+    pow2 = isinstance(qc, dict) and qc.get("scale_fmt") == "ue8m0"
+    chosen: dict[str, RequantSpec] = {}
+    for name, q in quantized.items():
+        if not isinstance(q, FP8Weight):
+            continue
+        suffix = SCALE_INV if q.fmt == "fp8" else SCALE
+        fmt = "divide" if q.fmt == "compressed-tensors" else "pow2" if pow2 else "inverse"
+        chosen[name] = RequantSpec(
+            quant_type="fp8", blocksize=0, double_quant=False, logical_shape=q.shape, state_dtype=DTYPE_CONFIG_NAMES.get(q.dtype, "bfloat16"),
+            state_bytes=0, block_rows=q.block[0], block_cols=q.block[1], scale_name=name + suffix, scale_dtype=q.scale.dtype,
+            scale_shape=q.scale.shape, scale_fmt=fmt,
+        )  # fmt: skip
+    return chosen
+
+
 def quant_state_bytes(spec: RequantSpec, offset: float) -> bytes:
     """The quant-state JSON of a re-quantized weight, padded with spaces to its planned length."""
     raw = state_json(spec.quant_type, spec.blocksize, spec.state_dtype, spec.logical_shape, spec.double_quant, offset)
@@ -81,7 +102,8 @@ def requant_config(config: dict[str, Any] | None, quantized: dict[str, Quantized
 
 
 def quantized_default_dtype(config: dict[str, Any] | None, quantized: dict[str, Quantized]) -> str:
-    """Output dtype when none is asked for: bnb_4bit_compute_dtype for 4-bit bases, else the model's dtype, else bf16."""
+    """Output dtype when none is asked for: bnb_4bit_compute_dtype for 4-bit bases, else the model's dtype, else bf16
+    (FP8 bases: the dtype their weights dequantize to)."""
     config = config or {}
     qc = config.get("quantization_config") or {}
     candidates = [config.get("dtype"), config.get("torch_dtype"), "bfloat16"]
@@ -104,7 +126,7 @@ def logical_view(ckpt: Checkpoint, quantized: dict[str, Quantized]) -> Checkpoin
         if name in companions:
             continue
         q = quantized.get(name)
-        if isinstance(q, Quant4bit):
+        if isinstance(q, (Quant4bit, FP8Weight)):
             t = dataclasses.replace(t, dtype=q.dtype, shape=q.shape)
         elif isinstance(q, Quant8bit):
             dtype = quantized_default_dtype({k: v for k, v in (ckpt.config or {}).items() if k != "quantization_config"}, {})
@@ -117,7 +139,7 @@ def logical_view(ckpt: Checkpoint, quantized: dict[str, Quantized]) -> Checkpoin
 def quantized_notes(quantized: dict[str, Quantized], merged: bool, units: list[WorkUnit] | None = None) -> list[str]:
     if not quantized:
         return []
-    kinds = Counter(q.quant_type if isinstance(q, Quant4bit) else "int8" for q in quantized.values())
+    kinds = Counter(q.quant_type if isinstance(q, (Quant4bit, FP8Weight)) else "int8" for q in quantized.values())
     cost = ""
     if units:
         tile, stats = dequant_costs(units)
@@ -129,3 +151,15 @@ def quantized_notes(quantized: dict[str, Quantized], merged: bool, units: list[W
             "when you have it, is more exact"
         )
     return notes
+
+
+def fp8_notes(requant: dict[str, RequantSpec]) -> list[str]:
+    """What ``--mode merged_fp8`` costs in accuracy (figures measured by tests/test_fp8.py against the float64 merge)."""
+    blocks = sorted({(s.block_rows, s.block_cols, s.scale_fmt) for s in requant.values()})
+    how = ", ".join(f"{r}x{c} {'pow-2 ' if f == 'pow2' else ''}blocks" for r, c, f in blocks)
+    return [
+        f"{len(requant)} merged weights are re-quantized to FP8 e4m3 ({how}, fresh scales amax/448): each value is rounded "
+        "to 3 mantissa bits again, at most half a step (1/16 of its magnitude, or of the block's smallest normal step) from "
+        "the float64 merge; measured on tiny Llamas: RMS error 2.6-2.7% of the weights' RMS, against 0.17% for merged_16bit "
+        "(bf16), the size of the base's own FP8 rounding; LoRA deltas under half a step are lost"
+    ]
