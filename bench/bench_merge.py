@@ -69,7 +69,7 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("copy", "copy-bf16", "copy-direct", "streammerge", "streammerge-mmap", "peft")
-QUANTS = ("none", "nf4")
+QUANTS = ("none", "nf4", "fp8")
 #: Methods that only make sense with a quantized base (with --quant none the base *is* bf16).
 QUANT_ONLY = ("copy-bf16",)
 TARGET_MODULES = (
@@ -210,6 +210,47 @@ def child_quantize(src_dir: Path, dst_dir: Path) -> None:
     print(f"saved in {time.perf_counter() - start:.1f} s", flush=True)
 
 
+def child_quantize_fp8(src_dir: Path, dst_dir: Path) -> None:
+    """Save a block-wise FP8 checkpoint (DeepSeek-V3 layout) of the bf16 model in ``src_dir``, shard by shard.
+
+    Every decoder linear weight becomes float8_e4m3fn + ``weight_scale_inv`` per 128x128 block, quantized by
+    transformers' own ``Fp8Quantize``; the config gets ``quantization_config`` {"quant_method": "fp8", ...}.
+    """
+    import types
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import FineGrainedFP8Config
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+    quantizer = Fp8Quantize(types.SimpleNamespace(quantization_config=FineGrainedFP8Config(weight_block_size=(128, 128))))
+    dst_dir.mkdir(parents=True)
+    start = time.perf_counter()
+    weight_map: dict[str, str] = {}
+    for file in sorted(src_dir.glob("*.safetensors")):
+        out: dict[str, Any] = {}
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118
+                t = f.get_tensor(key)
+                if key.startswith("model.layers.") and key.endswith("proj.weight"):
+                    q = quantizer.convert({key: t})
+                    out[key], out[key + "_scale_inv"] = q[key], q[key.removesuffix(".weight") + ".weight_scale_inv"]
+                else:
+                    out[key] = t
+        save_file(out, dst_dir / file.name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(out, file.name))
+    if len({*weight_map.values()}) > 1 or not (dst_dir / "model.safetensors").exists():
+        index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
+        (dst_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config = json.loads((src_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    (dst_dir / "config.json").write_text(json.dumps(config, indent=2))
+    for extra in src_dir.iterdir():
+        if extra.suffix != ".safetensors" and extra.name not in ("config.json", "model.safetensors.index.json") and extra.is_file():
+            shutil.copy(extra, dst_dir / extra.name)
+    print(f"quantized to FP8 in {time.perf_counter() - start:.1f} s", flush=True)
+
+
 def child_peft(quant: str, base_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
     """The transformers + PEFT reference merge (for a 4-bit base: dequantize to bf16 first)."""
     import torch
@@ -218,6 +259,8 @@ def child_peft(quant: str, base_dir: Path, adapter_dir: Path, out_dir: Path) -> 
 
     if quant == "none":
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
+    elif quant == "fp8":  # transformers dequantizes an FP8 checkpoint while loading it on a machine without a GPU
+        model = AutoModelForCausalLM.from_pretrained(base_dir)
     else:
         model = AutoModelForCausalLM.from_pretrained(base_dir, device_map="cpu")
         # No dtype: config.dtype (bf16). A string dtype crashes in transformers 5.24 ("Invalid device string").
@@ -302,6 +345,8 @@ def run_child(argv: list[str]) -> None:
         child_build(argv[1], paths[0], paths[1])
     elif kind == "quantize":
         child_quantize(Path(argv[1]), *paths)
+    elif kind == "quantize-fp8":
+        child_quantize_fp8(Path(argv[1]), *paths)
     elif kind == "peft":
         child_peft(argv[1], *paths)
     elif kind == "copy":
@@ -465,8 +510,9 @@ def ensure_quantized(size: str, quant: str, model_dir: Path, bf16_base: Path, py
     if (done := read_stamp(stamp, spec)) is not None:
         return qbase, reused(f"{quant} base", qbase, done)
     shutil.rmtree(qbase, ignore_errors=True)
-    print(f"quantizing the {size} base to {quant} (transformers + bitsandbytes, CPU) into {qbase} ...", flush=True)
-    run = run_build(f"the {quant} base", self_cmd(python, "quantize", str(bf16_base), str(qbase)), model_dir / f"build-{quant}.log")
+    print(f"quantizing the {size} base to {quant} (transformers, CPU) into {qbase} ...", flush=True)
+    kind = "quantize-fp8" if quant == "fp8" else "quantize"
+    run = run_build(f"the {quant} base", self_cmd(python, kind, str(bf16_base), str(qbase)), model_dir / f"build-{quant}.log")
     info = {**spec, "build_s": run.wall_s, "build_peak_rss_mb": run.peak_rss_mb}
     stamp.write_text(json.dumps(info))
     print(f"quantized in {run.wall_s:.1f} s, peak RSS {run.peak_rss_mb:.0f} MB ({quant} base {dir_size_mb(qbase):.0f} MB)")
@@ -529,6 +575,11 @@ def verify(base: Path, sm_out: Path, peft_out: Path) -> dict[str, Any]:
             return f.get_tensor(name)
 
     def load_base(where: dict[str, Path], name: str) -> torch.Tensor:
+        if name + "_scale_inv" in where:  # block FP8: the formula, float32, to bf16
+            w, s = load(where, name), load(where, name + "_scale_inv")
+            rows, cols = w.shape
+            full = s.repeat_interleave(128, 0)[:rows].repeat_interleave(128, 1)[:, :cols]
+            return (w.float() * full).to(torch.bfloat16)
         stats = {k: load(where, k) for k in where if k.startswith(name + ".")}
         if not any(quant_state in k for k in stats):
             return load(where, name)
@@ -559,7 +610,7 @@ def verify(base: Path, sm_out: Path, peft_out: Path) -> dict[str, Any]:
                 "n_differ": int((a.float() != b.float()).sum().item()) if same else None,
                 "numel": a.numel(),
                 "frac_changed_vs_base": (b != orig).float().mean().item() if b.shape == orig.shape else None,
-                "base_quantized": any(k.startswith(name + quant_state) for k in bs),
+                "base_quantized": any(k.startswith(name + quant_state) for k in bs) or name + "_scale_inv" in bs,
                 "dtypes": f"{a.dtype} / {b.dtype}".replace("torch.", ""),
                 "shape": list(a.shape),
             }
@@ -630,8 +681,8 @@ def render(
         title = f"## streammerge benchmark: {args.size} ({base_mb:.0f} MB of base safetensors)"
     else:
         title = (
-            f"## streammerge benchmark: {args.size}, bitsandbytes {args.quant.upper()} base "
-            f"({base_mb:.0f} MB of 4-bit base safetensors; the bf16 output is {bf16_mb:.0f} MB)"
+            f"## streammerge benchmark: {args.size}, {'block FP8' if args.quant == 'fp8' else 'bitsandbytes ' + args.quant.upper()} base "
+            f"({base_mb:.0f} MB of quantized base safetensors; the bf16 output is {bf16_mb:.0f} MB)"
         )
     lines = [
         title,
@@ -749,7 +800,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--quant",
         choices=QUANTS,
         default="none",
-        help="base format: none = the bf16 model; nf4 = a pre-quantized bitsandbytes 4-bit (NF4, double quant) checkpoint of it",
+        help="base format: none = the bf16 model; nf4 = a pre-quantized bitsandbytes 4-bit (NF4, double quant) checkpoint of it; "
+        "fp8 = a block-wise FP8 (DeepSeek-V3 layout, 128x128 blocks) checkpoint of it",
     )
     p.add_argument("--workdir", type=Path, help="work folder (default: a temp dir under /tmp)")
     p.add_argument("--keep", action="store_true", help="keep the built model and outputs")
