@@ -7,8 +7,10 @@ traceback instead).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
@@ -22,6 +24,8 @@ from streammerge.sizes import format_bytes, format_seconds, parse_size
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
+"""128 + SIGPIPE: what a Unix tool killed by a closed pipe exits with."""
 
 _dtype_option = click.option(
     "--dtype",
@@ -126,6 +130,9 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:  # the reader went away (`... | head`): stop quietly, as Unix tools do
+            _silence_stdout()
+            ctx.exit(EXIT_BROKEN_PIPE)
         except (StreamMergeError, OSError) as e:
             if ctx.meta.get("streammerge.debug"):
                 raise
@@ -134,8 +141,15 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             if ctx.meta.get("streammerge.debug"):
                 raise
-            click.echo("streammerge: interrupted; finished work (if any) is kept in OUT.partial: rerun with --resume to continue", err=True)
+            click.echo(f"streammerge: interrupted; {ctx.meta.get('streammerge.partial_hint', 'nothing was written')}", err=True)
             ctx.exit(EXIT_INTERRUPTED)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit does not fail again on the closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _one_line(e: BaseException) -> str:
@@ -207,6 +221,14 @@ def _make_plan(
     )
 
 
+def _resume_command() -> str:
+    """The command line of this process with --resume (added if missing), as the user can paste it."""
+    args = [a for a in sys.argv[1:]]
+    if "--resume" not in args:
+        args.append("--resume")
+    return " ".join(["streammerge", *(shlex.quote(a) for a in args)])
+
+
 def _describe_plan(p: Plan) -> list[tuple[str, str]]:
     e = p.estimate
     tensors = len(p.units)
@@ -240,17 +262,38 @@ def _echo_table(rows: list[tuple[str, str]]) -> None:
         click.echo(f"{k:<{width}}  {v}")
 
 
-def _execute(p: Plan, quiet: bool, device: str | None, resume: bool = False, vram_budget: str | None = None, reads: str = "auto") -> None:
+def _execute(
+    p: Plan,
+    quiet: bool,
+    device: str | None,
+    resume: bool = False,
+    vram_budget: str | None = None,
+    reads: str = "auto",
+    as_json: bool = False,
+) -> None:
     from streammerge import run
     from streammerge.execute import Report
+    from streammerge.journal import partial_path
 
     for note in p.notes:  # said once, before the work, whatever --quiet says
         click.echo(f"streammerge: note: {note}", err=True)
     budget = None if vram_budget is None else parse_size(vram_budget, "VRAM budget")
-    report: Report = run(p, progress=not quiet, device=device, resume=resume, vram_budget=budget, reads=reads)
+    ctx = click.get_current_context()
+    partial = partial_path(p.out)
+    ctx.meta["streammerge.partial_hint"] = f"finished work (if any) is kept in {partial}; continue with: {_resume_command()}"
+    try:
+        report: Report = run(p, progress=not (quiet or as_json), device=device, resume=resume, vram_budget=budget, reads=reads)
+    except KeyboardInterrupt:
+        kept = os.path.isdir(partial)
+        ctx.meta["streammerge.partial_hint"] = (
+            f"the finished part is kept in {partial}; continue with: {_resume_command()}" if kept else "nothing was kept"
+        )
+        raise
     for note in report.notes[len(p.notes) :]:
         click.echo(f"streammerge: note: {note}", err=True)
-    if not quiet:
+    if as_json:
+        click.echo(json.dumps(dataclasses.asdict(report), indent=1))
+    elif not quiet:
         rate = report.bytes_written / max(report.seconds, 1e-9)
         units = ", ".join(f"{n} {op}" for op, n in sorted(report.units.items()))
         vram = (
@@ -272,7 +315,14 @@ def _execute(p: Plan, quiet: bool, device: str | None, resume: bool = False, vra
 @_resume_option
 @_verify_option
 @_quiet_option
-def merge(reads: str, resume: bool, verify_after: bool, quiet: bool, **spec: Any) -> None:
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print a machine-readable report on stdout when done (out, bytes_written, seconds, peak_rss_bytes, reads, device, "
+    "units, notes, ...); no progress bar. Notes and errors still go to stderr.",
+)
+def merge(reads: str, resume: bool, verify_after: bool, quiet: bool, as_json: bool, **spec: Any) -> None:
     """Merge the LoRA ADAPTERS into the model in BASE and write a standalone model to OUT.
 
     \b
@@ -285,9 +335,9 @@ def merge(reads: str, resume: bool, verify_after: bool, quiet: bool, **spec: Any
     W + sum_i w_i s_i B_i @ A_i (one read and one write of the base, whatever their number).
     """
     p = _make_plan(**spec)
-    _execute(p, quiet, None, resume, spec["vram_budget"], reads)
+    _execute(p, quiet, None, resume, spec["vram_budget"], reads, as_json)
     if verify_after:
-        _report_verify(p.out, None, 0)
+        _report_verify(p.out, None, 0, quiet=as_json)
 
 
 @cli.command("plan")
@@ -318,10 +368,14 @@ def plan_cmd(as_json: bool, save: str | None, **spec: Any) -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Override the plan's device.")
 @_read_option
 @_resume_option
+@_overwrite_option
 @_quiet_option
-def run_cmd(plan_file: str, device: str | None, reads: str, resume: bool, quiet: bool) -> None:
+def run_cmd(plan_file: str, device: str | None, reads: str, resume: bool, overwrite: bool, quiet: bool) -> None:
     """Execute a plan saved by `streammerge plan --save`. Inputs must be unchanged since."""
-    _execute(Plan.load(plan_file), quiet, device, resume, reads=reads)
+    p = Plan.load(plan_file)
+    if overwrite:
+        p = dataclasses.replace(p, overwrite=True)
+    _execute(p, quiet, device, resume, reads=reads)
 
 
 @cli.command("verify")
@@ -332,21 +386,35 @@ def run_cmd(plan_file: str, device: str | None, reads: str, resume: bool, quiet:
     type=click.Path(),
     default=None,
     metavar="BASE ADAPTER",
-    help="Also recompute a sample of tensors from these inputs.",
+    help="Also recompute a sample of tensors from these inputs (with the dtype, mode, weights and combination the "
+    "merge used, from its manifest).",
 )
-@click.option("--sample", default=8, show_default=True, help="How many merged tensors --against recomputes.")
-def verify_cmd(out: str, against: tuple[str, str] | None, sample: int) -> None:
+@click.option(
+    "--adapter", "more_adapters", multiple=True, type=click.Path(), help="A further adapter of the merge, for --against (repeat)."
+)
+@click.option(
+    "--recompute", is_flag=True, help="Recompute a sample of tensors from the base and adapters the manifest names (as --against)."
+)
+@click.option("--sample", default=8, show_default=True, help="How many merged tensors --against / --recompute recompute.")
+def verify_cmd(out: str, against: tuple[str, str] | None, more_adapters: tuple[str, ...], recompute: bool, sample: int) -> None:
     """Check a merged folder: headers, index, sizes and the CRC-32 of every tensor recorded at write time.
 
     \b
     Exit code 0: intact; 1: damage found (listed); 2: bad input.
-    Example:
+    Examples:
+      streammerge verify ./merged --recompute                      (inputs as the manifest records them)
       streammerge verify ./merged --against ./base ./my-lora
+      streammerge verify ./merged --against ./base ./a1 --adapter ./a2   (a two-adapter merge)
     """
-    _report_verify(out, (against[0], [against[1]]) if against else None, sample)
+    if more_adapters and not against:
+        raise StreamMergeError("--adapter adds to --against BASE ADAPTER; give --against too (or --recompute)")
+    if against and recompute:
+        raise StreamMergeError("give --against or --recompute, not both")
+    inputs: tuple[str, list[str]] | str | None = (against[0], [against[1], *more_adapters]) if against else None
+    _report_verify(out, "manifest" if recompute else inputs, sample)
 
 
-def _report_verify(out: str, against: tuple[str, list[str]] | None, sample: int) -> None:
+def _report_verify(out: str, against: tuple[str, list[str]] | str | None, sample: int, quiet: bool = False) -> None:
     from streammerge.verify import verify
 
     report = verify(out, against=against, sample=sample)
@@ -357,7 +425,7 @@ def _report_verify(out: str, against: tuple[str, list[str]] | None, sample: int)
     summary = f"{report.tensors} tensors in {report.files} files; {report.checksummed} checksums"
     if against:
         summary += f"; {report.recomputed} tensors recomputed"
-    click.echo(f"verify {out}: {'OK' if report.ok else 'FAILED'} ({summary})")
+    click.echo(f"verify {out}: {'OK' if report.ok else 'FAILED'} ({summary})", err=quiet)
     if not report.ok:
         sys.exit(1)
 

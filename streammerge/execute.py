@@ -32,6 +32,7 @@ from streammerge.geometry import ALIGN, STAGING_SLOTS, aligned_start, in_tile_by
 from streammerge.inputs import Reading
 from streammerge.inputs.mapped import SourceFiles, Tiles
 from streammerge.kernels import ACCUMULATE, TORCH_DTYPES, Factors, Workspace, combine_linear, merge_rows
+from streammerge.lock import output_lock
 from streammerge.plan.layout import check_inputs_unchanged, check_output
 from streammerge.plan.model import LoraTerm, Plan, WorkUnit
 from streammerge.quantize import Dequantizer, FP8Requantizer, Requantizer
@@ -441,8 +442,6 @@ def run(
     """
     start = time.perf_counter()
     check_inputs_unchanged(plan)
-    check_output(plan.out, [plan.base, *plan.adapters], plan.overwrite)
-    preflight.check(plan)
     dev, fallback = resolve_device(device or plan.device)
     cap = VramCap(plan, vram_budget) if dev.type == "cuda" else None
     writer = Writer(plan, resume=resume)
@@ -457,6 +456,9 @@ def run(
 
     queue: WriteQueue | None = None
     with contextlib.ExitStack() as stack:  # closed last to first, however the run ends
+        stack.enter_context(output_lock(plan.out))  # one run per output; then the output checks hold
+        check_output(plan.out, [plan.base, *plan.adapters], plan.overwrite)
+        preflight.check(plan)
         if reading is None:
             reading = Reading(plan, reads, resume)
             reading.start()

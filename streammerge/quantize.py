@@ -9,7 +9,9 @@ produce the statistics tensors at the end of the unit, laid out as the plan fixe
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -30,6 +32,21 @@ from streammerge.kernels import (
 )
 from streammerge.plan.model import QuantSpec, WorkUnit
 from streammerge.plan.quant import quant_state_bytes
+
+
+def import_bnb_functional() -> Any:
+    """``bitsandbytes.functional``, imported without the warning its CPU backend logs at import
+    when an optional kernel repository is not trusted (we do not use that kernel): it would land in
+    the middle of the progress bar. Only plans with merged_4bit output pay for this import."""
+    noisy = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = noisy.level
+    noisy.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes.functional as bnb_f
+    finally:
+        noisy.setLevel(level)
+    return bnb_f
+
 
 _TABLES: dict[tuple[bytes, str], torch.Tensor] = {}
 
@@ -137,7 +154,7 @@ class Requantizer:
     """Quantizes a unit's merged tiles back to 4 bit with bitsandbytes; writes the statistics at the end."""
 
     def __init__(self, unit: WorkUnit) -> None:
-        import bitsandbytes.functional as bnb_f  # only plans with merged_4bit output pay for this import
+        bnb_f = import_bnb_functional()
 
         assert unit.requant is not None
         self.bnb = bnb_f
@@ -158,7 +175,8 @@ class Requantizer:
         block0 = first // self.spec.blocksize
         self.absmax[block0 : block0 + state.absmax.numel()] = state.absmax.cpu()
         self.code = state.code.cpu()
-        return packed.reshape(-1).cpu()
+        codes: torch.Tensor = packed.reshape(-1).cpu()
+        return codes
 
     def statistics(self) -> dict[str, bytes]:
         """The bytes of every statistics tensor, by name (the double quantization needs all block scales)."""

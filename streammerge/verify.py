@@ -54,8 +54,12 @@ def _tensors(out: str) -> dict[str, TensorInfo]:
     return ckpt.tensors
 
 
-def verify(out: str | os.PathLike[str], *, against: tuple[str, list[str]] | None = None, sample: int = 8) -> VerifyReport:
+def verify(out: str | os.PathLike[str], *, against: tuple[str, list[str]] | str | None = None, sample: int = 8) -> VerifyReport:
     """Check a merged output folder; see the module docstring.
+
+    ``against`` is ``(base, [adapters...])`` to recompute a sample of tensors from those inputs, or
+    ``"manifest"`` to take them from the manifest; the options (dtype, mode, weights, combination)
+    always come from the manifest.
 
     Example::
 
@@ -81,9 +85,31 @@ def verify(out: str | os.PathLike[str], *, against: tuple[str, list[str]] | None
         with open(manifest_path, encoding="utf-8") as f:
             manifest = json.load(f)
         _check_manifest(out, manifest, tensors, report)
-    if against is not None:
+    if against == "manifest":
+        against = _manifest_inputs(manifest_path, manifest)
+    if against is not None and not isinstance(against, str):
+        _check_inputs(manifest_path, manifest, against)
         _recompute(out, manifest, tensors, against, sample, report)
     return report
+
+
+def _manifest_inputs(path: str, manifest: dict[str, Any]) -> tuple[str, list[str]]:
+    """The base and adapters a merge used, as its manifest records them."""
+    inputs = manifest.get("inputs")
+    if not isinstance(inputs, dict) or not isinstance(inputs.get("base"), str) or not isinstance(inputs.get("adapters"), list):
+        raise StreamMergeError(f"{path}: the manifest does not name the merge's inputs (older streammerge?); use --against BASE ADAPTER")
+    return inputs["base"], [str(a) for a in inputs["adapters"]]
+
+
+def _check_inputs(path: str, manifest: dict[str, Any], against: tuple[str, list[str]]) -> None:
+    """Refuse a recomputation with another number of adapters than the merge used."""
+    weights = manifest.get("options", {}).get("weights")
+    if isinstance(weights, list) and len(weights) != len(against[1]):
+        used = manifest.get("inputs", {}).get("adapters") or f"{len(weights)} adapters"
+        raise StreamMergeError(
+            f"{path}: the merge used {len(weights)} adapter(s) ({used}), {len(against[1])} given; "
+            "give them all (--against BASE A1 --adapter A2 ...) or use --recompute"
+        )
 
 
 def _check_manifest(out: str, manifest: dict[str, Any], tensors: dict[str, TensorInfo], report: VerifyReport) -> None:

@@ -14,13 +14,15 @@ import os
 
 from streammerge.errors import BadCheckpoint, BudgetTooSmall, StreamMergeError
 from streammerge.formats.bnb import Quant4bit
-from streammerge.formats.checkpoint import is_quantized, open_checkpoint
+from streammerge.formats.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, Checkpoint, is_quantized, open_checkpoint
 from streammerge.formats.fp8 import FP8_METHODS, FP8Weight
+from streammerge.formats.peft import CONFIG_NAME as ADAPTER_CONFIG
 from streammerge.formats.peft import WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
-from streammerge.formats.peft import open_adapter
+from streammerge.formats.peft import Adapter, open_adapter
 from streammerge.formats.quantized import find_quantized
 from streammerge.formats.safetensors import TensorInfo
 from streammerge.geometry import WRITE_BUFFERS
+from streammerge.hub import resolve
 from streammerge.plan.estimate import estimate_run
 from streammerge.plan.layout import adapter_files, check_output, files_to_copy, fingerprints, layout_shards, make_unit, output_config
 from streammerge.plan.mapping import BaseUpdate, adapter_tensors, map_updates
@@ -86,7 +88,9 @@ def plan(
         adapters = [os.fspath(adapters)]
     if not adapters:
         raise StreamMergeError("give at least one adapter folder")
-    ckpt = open_checkpoint(base)
+    base = resolve(base, "model")
+    adapters = [resolve(a, "adapter") for a in adapters]
+    ckpt = _open_base(os.fspath(base), [os.fspath(a) for a in adapters])
     method = is_quantized(ckpt)
     if method not in (None, "bitsandbytes", "bitsandbytes 4-bit", "bitsandbytes 8-bit", *FP8_METHODS):
         raise BadCheckpoint(
@@ -104,11 +108,17 @@ def plan(
         out_dtype = quantized_default_dtype(ckpt.config, quantized)
     raw_tensors = ckpt.tensors
     ckpt = logical_view(ckpt, quantized)
-    opened = [open_adapter(a) for a in adapters]
+    opened = [_open_adapter(a, os.fspath(base)) for a in adapters]
     out_path = os.path.abspath(os.fspath(out))
     check_output(out_path, [ckpt.root, *(a.root for a in opened)], overwrite)
 
     adapter_weights = _check_weights(weights, len(opened))
+    repeated = _repeated_adapters(opened)
+    if repeated and weights is None:
+        raise StreamMergeError(
+            f"{repeated[0]}: this adapter is given more than once and would be merged once per mention; "
+            "give it once, or pass --weights to mean it"
+        )
     if combination not in COMBINATIONS:
         raise StreamMergeError(f"combination must be one of {', '.join(COMBINATIONS)}, not {combination!r}")
     updates = map_updates(ckpt, opened, adapter_weights, combination)
@@ -116,6 +126,7 @@ def plan(
         ckpt.ignored
     )
     notes += updates.notes
+    notes += [f"adapter {root} is given more than once: each time with its own weight, as --weights says" for root in repeated]
     if mode == "lora" and len(opened) > 1:
         raise StreamMergeError("--mode lora writes one adapter; give exactly one")
     requant = requant_choices(ckpt, quantized, out_dtype) if mode == "merged_4bit" else {}
@@ -225,6 +236,39 @@ def plan(
         estimate=estimate,
         notes=tuple(notes),
     )
+
+
+def _open_base(base: str, adapters: list[str]) -> Checkpoint:
+    """The base checkpoint, with a hint when BASE and ADAPTER look swapped."""
+    try:
+        return open_checkpoint(base)
+    except BadCheckpoint as e:
+        if os.path.isfile(os.path.join(base, ADAPTER_CONFIG)):
+            swapped = " (did you swap BASE and ADAPTER? the base comes first)" if adapters and _looks_like_model(adapters[0]) else ""
+            raise BadCheckpoint(f"{base}: is a LoRA adapter folder (it has {ADAPTER_CONFIG}), not a base model{swapped}") from e
+        raise
+
+
+def _open_adapter(path: str, base: str) -> Adapter:
+    try:
+        return open_adapter(path)
+    except StreamMergeError as e:
+        if _looks_like_model(path) and not os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+            raise type(e)(f"{e} ({path} looks like a model, not an adapter: did you swap BASE and ADAPTER? the base comes first)") from e
+        raise
+
+
+def _looks_like_model(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, CONFIG_NAME)) and any(os.path.isfile(os.path.join(path, n)) for n in (SINGLE_NAME, INDEX_NAME))
+
+
+def _repeated_adapters(opened: list[Adapter]) -> list[str]:
+    """Adapters given more than once (by real path), in order."""
+    seen: dict[str, int] = {}
+    for a in opened:
+        key = os.path.realpath(a.root)
+        seen[key] = seen.get(key, 0) + 1
+    return [root for root, n in seen.items() if n > 1]
 
 
 def _check_weights(weights: list[float] | tuple[float, ...] | None, count: int) -> list[float]:
