@@ -40,6 +40,7 @@ def run(
     resume: bool = False,
     vram_budget: int | None = None,
     reads: str = "auto",
+    part: tuple[int, int] | None = None,
 ) -> Report:
     """Execute a plan and return its :class:`~streammerge.execute.Report` (timings, bytes, peak RSS).
 
@@ -47,18 +48,25 @@ def run(
     ``(bytes_done, bytes_total, tensor_name)`` after every tile. ``resume=True`` continues an
     interrupted run of the same plan from its ``OUT.partial`` journal. ``reads`` is ``auto``
     (base tiles read with ``O_DIRECT`` unless they are mostly in the page cache already or the
-    filesystem refuses it), ``direct`` or ``mmap``. See
+    filesystem refuses it), ``direct`` or ``mmap``. ``part=(k, n)`` runs only part k of n of the
+    plan (:mod:`streammerge.parts`: one of many processes or machines writing the same output). See
     :func:`streammerge.execute.run`. torch is imported here, not at ``import streammerge``, so
     planning stays fast and light.
     """
     from streammerge.inputs import Reading
 
-    reading = Reading(plan, reads, resume)
+    if part is not None:
+        from streammerge.parts import part as part_of
+        from streammerge.parts import sub_plan
+
+        reading = Reading(sub_plan(plan, part_of(plan, *part)), reads, resume=True)
+    else:
+        reading = Reading(plan, reads, resume)
     try:
         reading.start()  # the first reads overlap the torch import below
         from streammerge.execute import run as _run
 
-        go = functools.partial(_run, plan, device=device, reading=reading, resume=resume, vram_budget=vram_budget)
+        go = functools.partial(_run, plan, device=device, reading=reading, resume=resume, vram_budget=vram_budget, part=part)
         if progress is True:
             from streammerge.progress import ProgressBar
 

@@ -170,7 +170,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
     \b
     streammerge plan  BASE LORA -o OUT      dry run: what it will do and need
     streammerge merge BASE LORA -o OUT      merge (peak RAM bounded by one tile)
-    streammerge run   plan.json             execute a saved plan
+    streammerge run   plan.json             execute a saved plan (--part K/N: one part of it)
+    streammerge finish plan.json            assemble OUT from the parts of a split run
     streammerge verify OUT                  check an output against its manifest
     streammerge inspect PATH                what a model, adapter or file holds
     streammerge demo                        built-in example, no download
@@ -270,6 +271,7 @@ def _execute(
     vram_budget: str | None = None,
     reads: str = "auto",
     as_json: bool = False,
+    part: tuple[int, int] | None = None,
 ) -> None:
     from streammerge import run
     from streammerge.execute import Report
@@ -280,19 +282,22 @@ def _execute(
     budget = None if vram_budget is None else parse_size(vram_budget, "VRAM budget")
     ctx = click.get_current_context()
     partial = partial_path(p.out)
-    ctx.meta["streammerge.partial_hint"] = f"finished work (if any) is kept in {partial}; continue with: {_resume_command()}"
+    again = _resume_command() if part is None else "the same command"
+    ctx.meta["streammerge.partial_hint"] = f"finished work (if any) is kept in {partial}; continue with: {again}"
     try:
-        report: Report = run(p, progress=not (quiet or as_json), device=device, resume=resume, vram_budget=budget, reads=reads)
+        report: Report = run(p, progress=not (quiet or as_json), device=device, resume=resume, vram_budget=budget, reads=reads, part=part)
     except KeyboardInterrupt:
         kept = os.path.isdir(partial)
         ctx.meta["streammerge.partial_hint"] = (
-            f"the finished part is kept in {partial}; continue with: {_resume_command()}" if kept else "nothing was kept"
+            f"the finished part is kept in {partial}; continue with: {again}" if kept else "nothing was kept"
         )
         raise
     for note in report.notes[len(p.notes) :]:
         click.echo(f"streammerge: note: {note}", err=True)
     if as_json:
         click.echo(json.dumps(dataclasses.asdict(report), indent=1))
+    elif not quiet and part is not None and not report.bytes_written:
+        pass  # a part with nothing to do: its note said so
     elif not quiet:
         rate = report.bytes_written / max(report.seconds, 1e-9)
         units = ", ".join(f"{n} {op}" for op, n in sorted(report.units.items()))
@@ -301,8 +306,9 @@ def _execute(
             if report.device_budget_bytes
             else ""
         )
+        what = report.out if part is None else f"part {part[0]}/{part[1]} of {report.out}"
         click.echo(
-            f"wrote {report.out}: {format_bytes(report.bytes_written)} in {report.seconds:.1f} s ({format_bytes(int(rate))}/s) "
+            f"wrote {what}: {format_bytes(report.bytes_written)} in {report.seconds:.1f} s ({format_bytes(int(rate))}/s) "
             f"on {report.device}{vram}, base {'read with O_DIRECT' if report.reads == 'direct' else 'mapped'}; {units}; "
             f"peak RSS {format_bytes(report.peak_rss_bytes)}",
             err=True,
@@ -370,12 +376,44 @@ def plan_cmd(as_json: bool, save: str | None, **spec: Any) -> None:
 @_resume_option
 @_overwrite_option
 @_quiet_option
-def run_cmd(plan_file: str, device: str | None, reads: str, resume: bool, overwrite: bool, quiet: bool) -> None:
-    """Execute a plan saved by `streammerge plan --save`. Inputs must be unchanged since."""
+@click.option(
+    "--part",
+    "part_text",
+    default=None,
+    metavar="K/N",
+    help="Run only part K of N (the plan split by output shard, balanced by bytes): many processes or machines write the "
+    "same OUT.partial, each continues its own part when run again, and the last one assembles OUT.",
+)
+def run_cmd(plan_file: str, device: str | None, reads: str, resume: bool, overwrite: bool, quiet: bool, part_text: str | None) -> None:
+    """Execute a plan saved by `streammerge plan --save`. Inputs must be unchanged since.
+
+    \b
+    In parts, e.g. as a Slurm array job (see README):
+      streammerge run plan.json --part $SLURM_ARRAY_TASK_ID/8
+      streammerge finish plan.json        (only needed if the last part could not assemble OUT)
+    """
+    from streammerge import parts
+
+    part = None if part_text is None else parts.parse(part_text)
     p = Plan.load(plan_file)
     if overwrite:
         p = dataclasses.replace(p, overwrite=True)
-    _execute(p, quiet, device, resume, reads=reads)
+    _execute(p, quiet, device, resume, reads=reads, part=part)
+
+
+@cli.command("finish")
+@click.argument("plan_file", type=click.Path())
+def finish_cmd(plan_file: str) -> None:
+    """Assemble OUT once every part of a split run is done (`streammerge run PLAN --part K/N`).
+
+    The last part does this on its own; this says which parts are missing otherwise.
+    """
+    from streammerge import parts
+    from streammerge.lock import output_lock
+
+    p = Plan.load(plan_file)
+    with output_lock(p.out, shared=True):  # beside running parts, never beside a whole run
+        click.echo(parts.finish(p, plan_file), err=True)
 
 
 @cli.command("verify")

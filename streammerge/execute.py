@@ -24,15 +24,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from streammerge import preflight
+from streammerge import parts, preflight
 from streammerge.device import VramCap, resolve_device
 from streammerge.errors import BudgetTooSmall, OutputError, StreamMergeError
 from streammerge.formats.safetensors import Source
 from streammerge.geometry import ALIGN, STAGING_SLOTS, aligned_start, in_tile_bytes, out_tile_bytes, tile_range
 from streammerge.inputs import Reading
 from streammerge.inputs.mapped import SourceFiles, Tiles
+from streammerge.journal import partial_path
 from streammerge.kernels import ACCUMULATE, TORCH_DTYPES, Factors, Workspace, combine_linear, merge_rows
-from streammerge.lock import output_lock
+from streammerge.lock import output_lock, part_lock
 from streammerge.plan.layout import check_inputs_unchanged, check_output
 from streammerge.plan.model import LoraTerm, Plan, WorkUnit
 from streammerge.quantize import Dequantizer, FP8Requantizer, Requantizer
@@ -426,6 +427,7 @@ def run(
     resume: bool = False,
     vram_budget: int | None = None,
     reads: str = "auto",
+    part: tuple[int, int] | None = None,
 ) -> Report:
     """Execute ``plan``: write the merged model to ``plan.out``, atomically.
 
@@ -437,6 +439,10 @@ def run(
     With ``resume``, an ``OUT.partial`` left by an interrupted run of the same plan is continued:
     only the units its journal does not list are redone.
 
+    ``part=(k, n)`` runs only part k of n (:mod:`streammerge.parts`): its shards go into the shared
+    ``OUT.partial``, continued from its own journal if it was interrupted (``resume`` is implied),
+    and the output is assembled when this part completes the set. A finished part does nothing.
+
     Example::
 
         plan = streammerge.plan("./base", ["./my-lora"], out="./merged")
@@ -444,11 +450,23 @@ def run(
         print(f"{report.bytes_written / report.seconds / 1e6:.0f} MB/s")
     """
     start = time.perf_counter()
-    check_inputs_unchanged(plan)
+    piece = None if part is None else parts.part(plan, *part)
+    if piece is not None and parts.already_complete(plan):
+        return Report(
+            out=plan.out,
+            device="none",
+            seconds=time.perf_counter() - start,
+            bytes_written=0,
+            units={},
+            peak_rss_bytes=_peak_rss_bytes(),
+            notes=(f"part {piece.label}: {plan.out} is already complete, nothing to do",),
+        )
+    check_inputs_unchanged(plan)  # on every worker of a split run, too
     dev, fallback = resolve_device(device or plan.device)
     cap = VramCap(plan, vram_budget) if dev.type == "cuda" else None
-    writer = Writer(plan, resume=resume)
-    total = sum(u.nbytes for u in plan.units)
+    writer = Writer(plan, resume=resume, part=piece)
+    mine = range(len(plan.units)) if piece is None else piece.units
+    total = sum(plan.units[i].nbytes for i in mine)
     done, current = 0, ""
 
     def advance(n: int) -> None:
@@ -458,12 +476,16 @@ def run(
             progress(done, total, current)
 
     queue: WriteQueue | None = None
+    assembled = ""
     with contextlib.ExitStack() as stack:  # closed last to first, however the run ends
-        stack.enter_context(output_lock(plan.out))  # one run per output; then the output checks hold
+        # One run per output; then the output checks hold. Parts share it, each holding its own part's lock.
+        stack.enter_context(output_lock(plan.out, shared=piece is not None))
+        if piece is not None:
+            stack.enter_context(part_lock(plan.out, piece.label))
         check_output(plan.out, [plan.base, *plan.adapters], plan.overwrite)
-        preflight.check(plan)
+        preflight.check(plan, None if piece is None else piece.shards)
         if reading is None:
-            reading = Reading(plan, reads, resume)
+            reading = Reading(plan if piece is None else parts.sub_plan(plan, piece), reads, resume or piece is not None)
             reading.start()
         stack.callback(reading.close)
         helper = stack.enter_context(_cpu_threads(dev))
@@ -479,10 +501,11 @@ def run(
             keep = max(1, min(2, plan.write_buffers - 1))
             sink: Sink = Staging(queue, dev, in_tile_bytes(plan.units), slots=STAGING_SLOTS, keep=keep) if staged else queue
             resumed = len(writer.done)
-            tiles = reading.tiles(files, [u for i, u in enumerate(plan.units) if i not in writer.done])
+            tiles = reading.tiles(files, [plan.units[i] for i in mine if i not in writer.done])
             consumed = 0
             with torch.inference_mode():
-                for index, unit in enumerate(plan.units):
+                for index in mine:
+                    unit = plan.units[index]
                     current = unit.name
                     if index in writer.done:  # finished by the interrupted run this one resumes
                         advance(unit.written_bytes)
@@ -497,25 +520,40 @@ def run(
             queue.close()
             files.close()
             writer.finish()
+            if piece is not None:
+                assembled = _finish_parts(plan, piece)
         except BaseException as e:
             error = _failure(plan, writer, queue, cap, current, e)
             if error is e:
                 raise
             raise error from e
+    notes = plan.notes + ((fallback,) if fallback else ())
+    if resumed:
+        notes += (f"resumed: {resumed} of {len(mine)} units were already done",)
+    if assembled:
+        notes += (assembled,)
     return Report(
         out=plan.out,
         device=str(dev),
         seconds=time.perf_counter() - start,
-        bytes_written=sum(s.size for s in plan.shards),
-        units=dict(Counter(u.op for u in plan.units)),
+        bytes_written=sum(s.size for s in plan.shards) if piece is None else piece.bytes(plan),
+        units=dict(Counter(plan.units[i].op for i in mine)),
         peak_rss_bytes=_peak_rss_bytes(),
-        notes=plan.notes
-        + ((fallback,) if fallback else ())
-        + ((f"resumed: {resumed} of {len(plan.units)} units were already done",) if resumed else ()),
+        notes=notes,
         peak_device_bytes=cap.peak() if cap is not None else 0,
         device_budget_bytes=cap.budget if cap is not None else 0,
         reads=reading.mode,
     )
+
+
+def _finish_parts(plan: Plan, piece: parts.Part) -> str:
+    """After part ``piece`` is done: assemble the output if it was the last one, else say what is left."""
+    partial = partial_path(plan.out)
+    left = parts.missing(plan, piece.count, partial)
+    if left:
+        waiting = ", ".join(p.label for p, _ in left)
+        return f"part {piece.label} done; the output is assembled when the last part finishes (still running or to run: {waiting})"
+    return f"part {piece.label}: " + parts.finish(plan)
 
 
 def _failure(plan: Plan, writer: Writer, queue: WriteQueue | None, cap: VramCap | None, current: str, e: BaseException) -> BaseException:
@@ -532,7 +570,12 @@ def _failure(plan: Plan, writer: Writer, queue: WriteQueue | None, cap: VramCap 
             f"{plan.out}: the GPU memory budget ({format_bytes(cap.budget)}) ran out at {current}, above the plan's estimate of "
             f"{format_bytes(plan.estimate.peak_device_bytes)}; plan with a smaller --tile-size, or use --device cpu"
         )
-    if kept and isinstance(error, (StreamMergeError, OSError)):
+    if writer.part is not None and isinstance(error, (StreamMergeError, OSError)):
+        what = "its finished units are" if kept else "nothing of it was journaled; it"
+        error = OutputError(
+            f"{error}; part {writer.part.label}: {what} kept in {writer.partial}: run the same command again to continue it"
+        )
+    elif kept and isinstance(error, (StreamMergeError, OSError)):
         error = OutputError(
             f"{error}; the finished part is kept in {writer.partial}: run the same command with --resume to continue, or remove it"
         )

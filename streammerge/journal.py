@@ -56,8 +56,8 @@ def read_journal(path: str) -> dict[int, dict[str, int]]:
 class Journal:
     """The append-only journal of one partial folder; opening it drops a torn last line."""
 
-    def __init__(self, partial: str) -> None:
-        self.path = os.path.join(partial, JOURNAL_FILE)
+    def __init__(self, partial: str, name: str = JOURNAL_FILE) -> None:
+        self.path = os.path.join(partial, name)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | CLOEXEC, 0o644)
         size = os.fstat(self._fd).st_size
         if size:  # the next entry must start on its own line

@@ -27,14 +27,21 @@ def _folder_bytes(path: str) -> int:
     return total
 
 
-def check(plan: Plan) -> None:
-    """Refuse a run that cannot finish here: no write permission, too little disk or RAM."""
+def check(plan: Plan, shards: tuple[int, ...] | None = None) -> None:
+    """Refuse a run that cannot finish here: no write permission, too little disk or RAM.
+
+    ``shards``: only these shards are written (one part of a split plan, :mod:`streammerge.parts`)."""
     parent = os.path.dirname(os.path.abspath(plan.out)) or "."
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{parent}: no permission to write the output folder here")
     partial = partial_path(plan.out)
-    already = _folder_bytes(partial) if os.path.isdir(partial) else 0  # a run being resumed reserved its shards
-    need = max(0, plan.estimate.output_bytes - already)
+    if shards is None:
+        already = _folder_bytes(partial) if os.path.isdir(partial) else 0  # a run being resumed reserved its shards
+        need = max(0, plan.estimate.output_bytes - already)
+    else:
+        files = [os.path.join(partial, plan.shards[s].file) for s in shards]
+        already = sum(os.stat(f).st_blocks * 512 for f in files if os.path.exists(f))
+        need = max(0, sum(plan.shards[s].size for s in shards) - already)
     free = psutil.disk_usage(parent).free
     if need > free:
         raise OutputError(f"{parent}: the output needs {format_bytes(need)} of disk, only {format_bytes(free)} is free")

@@ -18,13 +18,16 @@ import glob
 import json
 import os
 import shutil
+import socket
 
+from streammerge import parts
 from streammerge.errors import OutputError, PlanMismatch
 from streammerge.formats.checkpoint import CONFIG_NAME, INDEX_NAME
 from streammerge.geometry import ALIGN
 from streammerge.journal import JOURNAL_FILE, PLAN_FILE, Finished, Journal, partial_path, plan_identity, read_journal
 from streammerge.manifest import MANIFEST_FILE, build_manifest
 from streammerge.osio import CLOEXEC, direct_disabled, file_crc32, fsync_dir, open_direct, pwrite_all, remove, reserve, write_file
+from streammerge.parts import Part
 from streammerge.plan.model import Plan, shard_header_bytes
 
 _NO_COPY_FILE_RANGE = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM, errno.EBADF})
@@ -72,12 +75,15 @@ class Writer:
     journal) for ``--resume`` when some work is done, and removes it otherwise.
     """
 
-    def __init__(self, plan: Plan, resume: bool = False) -> None:
+    def __init__(self, plan: Plan, resume: bool = False, part: Part | None = None) -> None:
         self.plan = plan
         self.resume = resume
+        self.part = part
+        """Set when this process writes one part of a split plan (:mod:`streammerge.parts`): only its shards."""
         self.partial = partial_path(plan.out)
         self.state = WriterState.NEW
         self._fds: list[int] = []
+        """Per shard, its descriptor (-1 for the shards of other parts)."""
         self._direct: list[int | None] = []
         """Per shard, a second descriptor opened with O_DIRECT (None where the filesystem refuses it)."""
         self._journal: Journal | None = None
@@ -101,6 +107,15 @@ class Writer:
         """
         self._expect(WriterState.NEW)
         _remove_stale_drafts(self.partial)
+        if self.part is not None:
+            self._open_part(self.part)
+            return
+        if os.path.isdir(self.partial) and parts.recorded_count(self.partial) is not None and not self.plan.overwrite:
+            n = parts.recorded_count(self.partial)
+            raise OutputError(
+                f"{self.partial}: was started in {n} parts; run the missing ones (streammerge run PLAN --part K/{n}), "
+                "or pass --overwrite to start over as a whole run"
+            )
         if self.resume and os.path.isdir(self.partial):
             if read_journal(os.path.join(self.partial, JOURNAL_FILE)):
                 self._reopen()
@@ -125,19 +140,53 @@ class Writer:
         _kill_point("shards-reserved")
         self._open_journal()
 
-    def _make_partial(self) -> None:
-        """Make ``OUT.partial`` appear with its plan file inside: written into a draft folder, then renamed."""
-        draft = f"{self.partial}.draft-{os.getpid()}"
+    def _make_partial(self, count: int = 0) -> None:
+        """Make ``OUT.partial`` appear with its plan file inside (and, for a split run of ``count`` parts,
+        its parts file): written into a draft folder, then renamed. For a part, another part may win
+        the race to make it: that is fine, the caller checks the folder it made."""
+        draft = f"{self.partial}.draft-{_host()}-{os.getpid()}"
         try:
             os.makedirs(draft)
             write_file(os.path.join(draft, PLAN_FILE), plan_identity(self.plan).encode("utf-8"))
+            if count:
+                write_file(os.path.join(draft, parts.PARTS_FILE), f"{count}\n".encode("ascii"))
             _kill_point("draft-made")
             os.rename(draft, self.partial)
             fsync_dir(os.path.dirname(self.partial) or ".")
         except OSError as e:
             remove(draft)
-            raise self._error(self.partial, e) from e
+            if not (count and e.errno in (errno.EEXIST, errno.ENOTEMPTY) and os.path.isdir(self.partial)):
+                raise self._error(self.partial, e) from e
         _kill_point("partial-made")
+
+    def _open_part(self, part: Part) -> None:
+        """Open this part's shards in the shared ``OUT.partial`` (made by whichever part came first):
+        reopened where its journal lists finished units, else made afresh (a part that died before
+        journaling anything starts over); the other parts' shards are not touched."""
+        if not os.path.isdir(self.partial):
+            self._make_partial(part.count)
+        parts.check_partial(self.plan, self.partial, part.count)
+        self.done = parts.done_units(self.partial, part)
+        self.state = WriterState.OPEN
+        self._fds = [-1] * len(self.plan.shards)
+        self._direct = [None] * len(self.plan.shards)
+        for s in part.shards:
+            shard = self.plan.shards[s]
+            path = os.path.join(self.partial, shard.file)
+            try:
+                if self.done:
+                    fd = self._fds[s] = os.open(path, os.O_WRONLY | CLOEXEC)
+                    if os.fstat(fd).st_size != shard.size:
+                        raise PlanMismatch(f"{path}: has {os.fstat(fd).st_size} bytes, the plan says {shard.size}; remove {self.partial}")
+                else:
+                    fd = self._fds[s] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | CLOEXEC, 0o644)
+                    reserve(fd, shard.size)
+                self._direct[s] = _open_direct_write(path)
+                pwrite_all(fd, shard_header_bytes(shard), 0)
+            except OSError as e:
+                raise self._error(path, e) from e
+        _kill_point("shards-reserved")
+        self._open_journal()
 
     def _reopen(self) -> None:
         try:
@@ -167,9 +216,13 @@ class Writer:
 
     def _open_journal(self) -> None:
         try:
-            self._journal = Journal(self.partial)
+            self._journal = Journal(self.partial, self.journal_file)
         except OSError as e:
-            raise self._error(os.path.join(self.partial, JOURNAL_FILE), e) from e
+            raise self._error(os.path.join(self.partial, self.journal_file), e) from e
+
+    @property
+    def journal_file(self) -> str:
+        return self.part.journal if self.part is not None else JOURNAL_FILE
 
     def write(self, shard: int, offset: int, data: memoryview | bytes, aligned: bool = False) -> None:
         """Write ``data`` at absolute ``offset`` of shard number ``shard``.
@@ -264,58 +317,37 @@ class Writer:
             _kill_point("before-journal")
             self._journal.append(finished, [units[i].name for i, _ in finished])
         except OSError as e:
-            raise self._error(os.path.join(self.partial, JOURNAL_FILE), e) from e
+            raise self._error(os.path.join(self.partial, self.journal_file), e) from e
         self.done.update(finished)
         if self.stop_after and len(self.done) >= self.stop_after:
             os._exit(137)  # test hook: die here, as a SIGKILL would
 
     def finish(self) -> None:
         """Flush shards, write config/index/tokenizer files and the manifest, move the folder into place,
-        and only then drop the resume bookkeeping (a run killed in between leaves a complete output)."""
+        and only then drop the resume bookkeeping (a run killed in between leaves a complete output).
+
+        A part (``part=``) only flushes and closes its own shards; the output is assembled by
+        :func:`streammerge.parts.finish` once every part is done."""
         self._expect(WriterState.OPEN)
         plan = self.plan
-        if len(self.done) != len(plan.units):
-            raise AssertionError(f"finish with {len(plan.units) - len(self.done)} units not done")
+        expected = len(self.part.units) if self.part is not None else len(plan.units)
+        if len(self.done) != expected:
+            raise AssertionError(f"finish with {expected - len(self.done)} units not done")
         _kill_point("before-finish")
         try:
             for fd in self._fds:
-                os.fsync(fd)
+                if fd >= 0:
+                    os.fsync(fd)
             self._close()
-            for c in plan.copy_files:
-                shutil.copyfile(c.src, os.path.join(self.partial, c.dst))
-            if plan.config is not None:
-                write_file(os.path.join(self.partial, CONFIG_NAME), _dump_json(plan.config))
-            if len(plan.shards) > 1:
-                write_file(os.path.join(self.partial, INDEX_NAME), _dump_json(plan.index()))
-            _kill_point("files-copied")
-            crcs = {name: crc for unit_crcs in self.done.values() for name, crc in unit_crcs.items()}
-            write_file(os.path.join(self.partial, MANIFEST_FILE), _dump_json(build_manifest(plan, crcs)))
-            fsync_dir(self.partial)
-            _kill_point("manifest-written")
-            self._move_into_place()
-            _kill_point("renamed")
-            for name in (JOURNAL_FILE, PLAN_FILE):
-                os.remove(os.path.join(plan.out, name))
-            fsync_dir(plan.out)
         except OSError as e:
             raise self._error(getattr(e, "filename", None) or self.partial, e) from e
         self.state = WriterState.FINISHED
-
-    def _move_into_place(self) -> None:
-        out = self.plan.out
-        old = None
-        if os.path.lexists(out):
-            if not self.plan.overwrite:
-                raise OutputError(f"{out}: appeared while merging; output kept in {self.partial}")
-            old = f"{out}.old-{os.getpid()}"
-            os.rename(out, old)
-        os.rename(self.partial, out)
-        fsync_dir(os.path.dirname(out) or ".")
-        if old is not None:
-            remove(old)
+        if self.part is None:
+            crcs = {name: crc for unit_crcs in self.done.values() for name, crc in unit_crcs.items()}
+            assemble(plan, self.partial, crcs, [JOURNAL_FILE, PLAN_FILE])
 
     def _close(self) -> None:
-        fds, self._fds = self._fds, []
+        fds, self._fds = [fd for fd in self._fds if fd >= 0], []
         fds += [fd for fd in self._direct if fd is not None]
         self._direct = []
         if self._journal is not None:
@@ -330,10 +362,58 @@ class Writer:
             return False
         self._close()
         kept = self.state is WriterState.OPEN and bool(self.done)
+        if self.part is not None:  # the folder is shared with the other parts: never removed here
+            self.state = WriterState.ABORTED
+            return kept
         if self.state is WriterState.OPEN and not kept:
             remove(self.partial)
         self.state = WriterState.ABORTED
         return kept
+
+
+def assemble(plan: Plan, partial: str, crcs: dict[str, int], bookkeeping: list[str]) -> None:
+    """Finish an output whose shards are all written and fsynced in ``partial``: copy the tokenizer and
+    other files, write config, index and the manifest (``crcs``: every tensor's CRC-32), rename the
+    folder to ``plan.out``, and only then remove the ``bookkeeping`` files from it."""
+    try:
+        for shard in plan.shards:  # written by this process or, for parts, by others: durable before the rename
+            fd = os.open(os.path.join(partial, shard.file), os.O_RDONLY | CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for c in plan.copy_files:
+            shutil.copyfile(c.src, os.path.join(partial, c.dst))
+        if plan.config is not None:
+            write_file(os.path.join(partial, CONFIG_NAME), _dump_json(plan.config))
+        if len(plan.shards) > 1:
+            write_file(os.path.join(partial, INDEX_NAME), _dump_json(plan.index()))
+        _kill_point("files-copied")
+        write_file(os.path.join(partial, MANIFEST_FILE), _dump_json(build_manifest(plan, crcs)))
+        fsync_dir(partial)
+        _kill_point("manifest-written")
+        _move_into_place(plan, partial)
+        _kill_point("renamed")
+        for name in bookkeeping:
+            remove(os.path.join(plan.out, name))
+        fsync_dir(plan.out)
+    except OSError as e:
+        hint = " (disk full)" if e.errno == errno.ENOSPC else ""
+        raise OutputError(f"{getattr(e, 'filename', None) or partial}: cannot write{hint}: {e.strerror or e}") from e
+
+
+def _move_into_place(plan: Plan, partial: str) -> None:
+    out = plan.out
+    old = None
+    if os.path.lexists(out):
+        if not plan.overwrite:
+            raise OutputError(f"{out}: appeared while merging; output kept in {partial}")
+        old = f"{out}.old-{os.getpid()}"
+        os.rename(out, old)
+    os.rename(partial, out)
+    fsync_dir(os.path.dirname(out) or ".")
+    if old is not None:
+        remove(old)
 
 
 def _open_direct_write(path: str) -> int | None:
@@ -346,10 +426,16 @@ def _open_direct_write(path: str) -> int | None:
         return None
 
 
+def _host() -> str:
+    return socket.gethostname().replace(os.sep, "_") or "host"
+
+
 def _remove_stale_drafts(partial: str) -> None:
-    """Remove draft folders of runs that died before their partial folder appeared (their process is gone)."""
-    for draft in glob.glob(glob.escape(partial) + ".draft-*"):
-        pid = draft.rsplit("-", 1)[-1]
+    """Remove draft folders of runs on this machine that died before their partial folder appeared
+    (their process is gone; drafts of other machines sharing the folder are theirs to clean)."""
+    prefix = glob.escape(partial) + f".draft-{glob.escape(_host())}-"
+    for draft in glob.glob(prefix + "*"):
+        pid = draft[len(partial) + len(f".draft-{_host()}-") :]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             remove(draft)
 

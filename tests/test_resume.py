@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -139,7 +140,7 @@ def test_killed_at_every_writer_phase_then_rerun_is_byte_identical(
     assert not out.exists()
     if point == "draft-made":
         left = [p.name for p in tmp_path.iterdir() if not p.name.endswith(".streammerge-lock")]  # the lock itself died with it
-        assert not partial.exists() and left == [f"out.partial.draft-{proc.pid}"]
+        assert not partial.exists() and left == [f"out.partial.draft-{socket.gethostname()}-{proc.pid}"]
     else:
         assert (partial / PLAN_FILE).is_file()  # the partial folder never appears without its plan
     r = run_cli("merge", *args, "--resume")
