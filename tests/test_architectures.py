@@ -1,0 +1,124 @@
+"""One test per architecture family: dense, MoE with fused-parameter LoRA, MoE with per-expert LoRA, VLMs, 4-bit MoE.
+
+Each builds a tiny random transformers model, a LoRA adapter made by peft on it, and checks streammerge's
+output against PEFT's merge_and_unload (done in float64, rounded once): the same tensor names (the
+checkpoint's own, not the in-memory ones), bit-identical values, and logits of the output loaded by
+transformers close to those of the unmerged PEFT model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+import streammerge
+from streammerge.formats.checkpoint import open_checkpoint
+from streammerge.plan.naming import table_naming, transformers_naming
+from tests.arch_fixtures import EXPERTS, FAMILIES, logits, make_adapter, make_model, peft_merged, write_per_expert_adapter
+from tests.conftest import load_folder
+
+#: What each family's adapter targets: all linears, plus the fused experts (and a router) through target_parameters.
+TARGETS: dict[str, list[str]] = {
+    "qwen3": [],
+    "mixtral": EXPERTS,
+    "qwen3_moe": [*EXPERTS, "mlp.gate.weight"],
+    "qwen2_moe": EXPERTS,
+    "olmoe": EXPERTS,
+    "deepseek_v3": EXPERTS,
+    "gpt_oss": EXPERTS,  # stored fused on disk, (experts, in, out)
+    "llava": [],
+    "qwen2_vl": [],
+}
+
+
+@pytest.fixture(scope="module")
+def base_of(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = make_model(family, tmp_path_factory.mktemp(family) / "base")
+        return built[family]
+
+    return get
+
+
+def _check_exact(ours: Path, theirs: Path, base: Path) -> list[str]:
+    """Our output equals the oracle's, name for name and bit for bit; returns the names the adapter changed."""
+    got, want, before = load_folder(ours), load_folder(theirs), load_folder(base)
+    assert sorted(got) == sorted(want) == sorted(before)
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+    return [n for n in want if not torch.equal(before[n], want[n])]
+
+
+def _check_logits(out: Path, base: Path, adapter: Path) -> None:
+    """The merged model's logits are within bf16 rounding of the unmerged adapter's, and the adapter matters."""
+    merged, peft, plain = logits(out), logits(base, adapter), logits(base)
+    effect, error = (peft - plain).abs().max().item(), (merged - peft).abs().max().item()
+    assert effect > 1e-3 and error < 0.1 * effect, (effect, error)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_merges_like_peft(family: str, base_of: Callable[[str], Path], tmp_path: Path) -> None:
+    base = base_of(family)
+    adapter = make_adapter(base, tmp_path / "lora", target_modules="all-linear", target_parameters=TARGETS[family] or None)
+    plan = streammerge.plan(base, [adapter], tmp_path / "out")
+    streammerge.run(plan)
+    changed = _check_exact(tmp_path / "out", peft_merged(base, adapter, tmp_path / "ref"), base)
+    assert {t for c in plan.changes for t in c.tensors} == set(changed)
+    if TARGETS[family]:
+        assert any(".experts." in n for n in changed)
+    if "mlp.gate.weight" in TARGETS[family]:
+        assert any(n.endswith("mlp.gate.weight") for n in changed)
+    _check_logits(tmp_path / "out", base, adapter)
+
+
+@pytest.mark.parametrize(
+    ("family", "experts", "modules"),
+    [("mixtral", ["w1", "w2", "w3"], ["q_proj"]), ("qwen3_moe", ["gate_proj", "up_proj", "down_proj"], ["o_proj"])],
+)
+def test_per_expert_adapter_merges_like_peft(
+    family: str, experts: list[str], modules: list[str], base_of: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """Adapters saved before experts were fused (one LoRA per expert module) still merge, onto the same tensors."""
+    base = base_of(family)
+    adapter = write_per_expert_adapter(base, tmp_path / "lora", experts, modules)
+    plan = streammerge.plan(base, [adapter], tmp_path / "out")
+    streammerge.run(plan)
+    changed = _check_exact(tmp_path / "out", peft_merged(base, adapter, tmp_path / "ref"), base)  # PEFT fuses them on load
+    assert sum(".experts." in n for n in changed) == 2 * 4 * len(experts)
+
+
+def test_4bit_moe_base(base_of: Callable[[str], Path], tmp_path: Path) -> None:
+    """A QLoRA on a bitsandbytes NF4 Mixtral (attention 4-bit, experts kept 16-bit by transformers) and fused-expert LoRA."""
+    from transformers import BitsAndBytesConfig, MixtralForCausalLM
+
+    from tests.quantized_fixtures import write_dequantized_checkpoint
+
+    q = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+    )
+    MixtralForCausalLM.from_pretrained(base_of("mixtral"), quantization_config=q, device_map="cpu").save_pretrained(tmp_path / "base")
+    base = tmp_path / "base"
+    assert any(".absmax" in k for k in open_checkpoint(base).tensors)
+    adapter = make_adapter(base, tmp_path / "lora", load={"device_map": "cpu"}, target_modules="all-linear", target_parameters=EXPERTS)
+    streammerge.run(streammerge.plan(base, [adapter], tmp_path / "out"))
+    plain = write_dequantized_checkpoint(base, tmp_path / "plain")  # bitsandbytes' dequantization, as a 16-bit checkpoint
+    changed = _check_exact(tmp_path / "out", peft_merged(plain, adapter, tmp_path / "ref"), plain)
+    assert any(".experts." in n for n in changed) and any("self_attn.q_proj" in n for n in changed)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "qwen3"])
+def test_built_in_table_agrees_with_transformers(family: str, base_of: Callable[[str], Path]) -> None:
+    """Planning without transformers (the built-in table) maps every checkpoint key as transformers does."""
+    ckpt = open_checkpoint(base_of(family))
+    table, theirs = table_naming(ckpt.tensors, ckpt.config), transformers_naming(ckpt.tensors, ckpt.config, ckpt.root)
+    assert table is not None and not isinstance(theirs, str), theirs
+    assert table.params == theirs.params
+    assert table.transposed_experts == theirs.transposed_experts
+    experts = {m for m in theirs.module_params if m.endswith("experts")}
+    assert {m: table.module_params.get(m) for m in experts} == {m: theirs.module_params[m] for m in experts}
