@@ -122,3 +122,33 @@ def test_built_in_table_agrees_with_transformers(family: str, base_of: Callable[
     assert table.transposed_experts == theirs.transposed_experts
     experts = {m for m in theirs.module_params if m.endswith("experts")}
     assert {m: table.module_params.get(m) for m in experts} == {m: theirs.module_params[m] for m in experts}
+
+
+def test_plan_and_inspect_show_what_each_module_changes(base_of: Callable[[str], Path], tmp_path: Path) -> None:
+    import json
+
+    from tests.conftest import run_cli
+
+    base = base_of("mixtral")
+    adapter = make_adapter(base, tmp_path / "lora", target_modules=["q_proj"], target_parameters=EXPERTS)
+    folded = run_cli("plan", str(base), str(adapter), "-o", str(tmp_path / "out"))
+    assert folded.exit_code == 0, folded.output
+    lines = [line.split(None, 1)[1] for line in folded.output.splitlines() if line.startswith("changes")]
+    assert sorted(lines) == [
+        "model.layers.*.mlp.experts.down_proj (x2, 8 tensors) -> model.layers.*.block_sparse_moe.experts.*.w2.weight",
+        "model.layers.*.mlp.experts.gate_up_proj (x2, 16 tensors) -> "
+        "model.layers.*.block_sparse_moe.experts.*.w1.weight, model.layers.*.block_sparse_moe.experts.*.w3.weight",
+        "model.layers.*.self_attn.q_proj (x2, 2 tensors) -> model.layers.*.self_attn.q_proj.weight",
+    ]
+    full = run_cli("plan", str(base), str(adapter), "-o", str(tmp_path / "out"), "--changes")
+    assert (
+        "model.layers.1.mlp.experts.down_proj -> " + ", ".join(f"model.layers.1.block_sparse_moe.experts.{e}.w2.weight" for e in range(4))
+        in full.output
+    )
+    info = json.loads(run_cli("inspect", str(adapter), "--base", str(base), "--json").output)
+    assert sorted((r["module"], r["tensor_count"]) for r in info["changes"]) == [
+        ("model.layers.*.mlp.experts.down_proj", 8), ("model.layers.*.mlp.experts.gate_up_proj", 16), ("model.layers.*.self_attn.q_proj", 2)
+    ]  # fmt: skip
+    assert len(info["change_list"]) == 6
+    wrong = run_cli("inspect", str(base), "--base", str(base))
+    assert wrong.exit_code == 2 and "--base goes with an adapter folder" in wrong.output

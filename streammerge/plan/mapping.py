@@ -109,10 +109,10 @@ def map_updates(ckpt: Checkpoint, adapters: list[Adapter], weights: list[float],
     for index, (adapter, weight) in enumerate(zip(adapters, weights, strict=True)):
         for pair in adapter.pairs:
             if pair.param_depth is not None:
-                found = param_terms(names, adapter, pair, weight, index)
+                param, found = param_terms(names, adapter, pair, weight, index)
                 for target, term in found:
                     terms.setdefault(target.name, []).append(term)
-                changes.append(Change(index, pair.key_module, tuple(dict.fromkeys(t.name for t, _ in found))))
+                changes.append(Change(index, param, tuple(dict.fromkeys(t.name for t, _ in found))))
                 continue
             target = names.tensor(pair.module)
             if target is None:

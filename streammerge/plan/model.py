@@ -72,7 +72,8 @@ class Change:
 
     adapter: int
     module: str
-    """The module as the adapter names it (in-memory names; ``.base_layer`` for nested ParamWrappers)."""
+    """The module as the adapter names it (in-memory names), or for LoRA on a raw parameter
+    (``target_parameters``) that parameter, e.g. ``model.layers.0.mlp.experts.gate_up_proj``."""
     tensors: tuple[str, ...]
 
 

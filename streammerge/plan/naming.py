@@ -21,6 +21,7 @@ that touches it is refused with them.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -268,6 +269,9 @@ def transformers_naming(tensors: dict[str, TensorInfo], config: dict[str, Any] |
     cls = getattr(transformers, str(arch), None) if arch else None
     if cls is None:
         return f"transformers {transformers.__version__} has no class {arch!r}"
+    logger = transformers.utils.logging.get_logger("transformers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # config warnings (rope, token ids) are not the user's business while planning
     try:
         cfg = transformers.AutoConfig.from_pretrained(root, local_files_only=True)
         with torch.device("meta"):
@@ -275,6 +279,8 @@ def transformers_naming(tensors: dict[str, TensorInfo], config: dict[str, Any] |
         conversions = get_model_conversion_mapping(model)
     except Exception as e:  # a model transformers cannot build here: the table decides
         return f"transformers could not build {arch} on the meta device ({type(e).__name__}: {e})"
+    finally:
+        logger.setLevel(level)
     renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
     converters = [c for c in conversions if isinstance(c, WeightConverter)]
     meta = model.state_dict()

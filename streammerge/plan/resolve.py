@@ -91,8 +91,8 @@ class Names:
         return f"{tried} and the in-memory names of the checkpoint's keys by the {naming.source}"
 
 
-def param_terms(names: Names, adapter: Adapter, pair: LoraPair, weight: float, index: int) -> list[tuple[TensorInfo, LoraTerm]]:
-    """The LoRA terms of one ParamWrapper pair, on the checkpoint tensors it changes."""
+def param_terms(names: Names, adapter: Adapter, pair: LoraPair, weight: float, index: int) -> tuple[str, list[tuple[TensorInfo, LoraTerm]]]:
+    """The in-memory parameter one ParamWrapper pair adapts, and its LoRA terms on the checkpoint tensors it changes."""
     where = f"{adapter.weights_path}: tensor {pair.a.name!r}"
     naming = names.naming
     targets = list(adapter.config.get("target_parameters") or [])
@@ -127,7 +127,7 @@ def param_terms(names: Names, adapter: Adapter, pair: LoraPair, weight: float, i
             )
         target = tensor if tensor is not None else names.ckpt.tensors[mapped.direct or ""]  # type: ignore[union-attr]
         _check_float(where, target)
-        return [(target, LoraTerm(a=Source.of(a), b=Source.of(b), scale=scale, transpose=False, adapter=index))]
+        return name, [(target, LoraTerm(a=Source.of(a), b=Source.of(b), scale=scale, transpose=False, adapter=index))]
     if len(shape) != 3:
         raise AdapterMismatch(f"{where} adapts {name!r} of shape {list(shape)}; PEFT's ParamWrapper takes 2-D and 3-D parameters")
     experts, d1, d2 = shape
@@ -147,7 +147,7 @@ def param_terms(names: Names, adapter: Adapter, pair: LoraPair, weight: float, i
                 a=row_slice(a, e * rank, (e + 1) * rank), b=Source.of(b), scale=scale, transpose=transposed, adapter=index,
                 b_cols=(e, experts * rank, experts), rows=(e * d1, (e + 1) * d1),
             )))  # fmt: skip
-        return out
+        return name, out
     for piece in mapped.pieces:
         target = names.ckpt.tensors[piece.tensor]
         _check_float(where, target)
@@ -166,7 +166,7 @@ def param_terms(names: Names, adapter: Adapter, pair: LoraPair, weight: float, i
             a_cols=None if on_b else (*span, 1), b_cols=(e, experts * rank, experts),
         )  # fmt: skip
         out.append((target, term))
-    return out
+    return name, out
 
 
 def row_slice(t: Source, start: int, stop: int) -> Source:
