@@ -152,3 +152,21 @@ def test_plan_and_inspect_show_what_each_module_changes(base_of: Callable[[str],
     assert len(info["change_list"]) == 6
     wrong = run_cli("inspect", str(base), "--base", str(base))
     assert wrong.exit_code == 2 and "--base goes with an adapter folder" in wrong.output
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "llava"])
+def test_without_transformers_the_table_gives_the_same_output(
+    family: str, base_of: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    resolve = importlib.import_module("streammerge.plan.resolve")  # streammerge.plan is also the function
+    base = base_of(family)
+    adapter = make_adapter(base, tmp_path / "lora", target_modules="all-linear", target_parameters=TARGETS[family] or None)
+    streammerge.run(streammerge.plan(base, [adapter], tmp_path / "with"))
+    monkeypatch.setattr(resolve, "transformers_naming", lambda *a: "transformers is not usable here (test)")
+    plan = streammerge.plan(base, [adapter], tmp_path / "without")
+    assert any("built-in" in n for n in plan.notes), plan.notes
+    streammerge.run(plan)
+    for f in ("model.safetensors", "config.json"):
+        assert (tmp_path / "with" / f).read_bytes() == (tmp_path / "without" / f).read_bytes()
