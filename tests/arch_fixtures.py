@@ -51,9 +51,57 @@ def _configs() -> dict[str, tuple[str, Callable[[], Any]]]:
             v_head_dim=4, n_group=1, topk_group=1,
         )  # fmt: skip
 
+    def qwen2_5_vl() -> Any:
+        text = dict(
+            vocab_size=96, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+            max_position_embeddings=64, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+        )  # fmt: skip
+        vision = dict(
+            depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=14, spatial_merge_size=2,
+            fullatt_block_indexes=[0],
+        )  # fmt: skip
+        return t.Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=90, video_token_id=91, vision_start_token_id=92)
+
+    def mistral3() -> Any:
+        vision = t.PixtralVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8, head_dim=8
+        )
+        text = t.MistralConfig(**{**SMALL, "vocab_size": 96}, head_dim=8)
+        return t.Mistral3Config(text_config=text, vision_config=vision, image_token_index=90, spatial_merge_size=1)
+
+    def gemma3() -> Any:
+        vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8)
+        return t.Gemma3Config(
+            text_config=dict(**{**SMALL, "vocab_size": 300}, head_dim=8), vision_config=vision, mm_tokens_per_image=4,
+            image_token_index=290, boi_token_index=291, eoi_token_index=292,
+        )  # fmt: skip
+
+    llama4_text = dict(
+        **{**SMALL, "vocab_size": 96}, intermediate_size_mlp=24, num_local_experts=4, num_experts_per_tok=1, head_dim=8,
+        interleave_moe_layer_step=1,
+    )  # fmt: skip
+
+    def llama4() -> Any:
+        vision = dict(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8,
+            vision_output_dim=16, projector_input_dim=16, projector_output_dim=16,
+        )  # fmt: skip
+        return t.Llama4Config(text_config=llama4_text, vision_config=vision, image_token_index=90)
+
     moe = dict(num_experts_per_tok=2)
     return {
         "qwen3": ("Qwen3ForCausalLM", lambda: t.Qwen3Config(**SMALL, head_dim=8)),
+        "qwen2": ("Qwen2ForCausalLM", lambda: t.Qwen2Config(**SMALL)),
+        "mistral": ("MistralForCausalLM", lambda: t.MistralConfig(**SMALL, head_dim=8)),
+        "gemma2": ("Gemma2ForCausalLM", lambda: t.Gemma2Config(**SMALL, head_dim=8)),
+        "gemma3_text": ("Gemma3ForCausalLM", lambda: t.Gemma3TextConfig(**SMALL, head_dim=8)),
+        "phi3": ("Phi3ForCausalLM", lambda: t.Phi3Config(**SMALL, pad_token_id=0)),
+        "gpt_neox": (
+            "GPTNeoXForCausalLM",
+            lambda: t.GPTNeoXConfig(**{k: v for k, v in SMALL.items() if k != "num_key_value_heads"}),
+        ),
+        "olmo2": ("Olmo2ForCausalLM", lambda: t.Olmo2Config(**SMALL)),
+        "starcoder2": ("Starcoder2ForCausalLM", lambda: t.Starcoder2Config(**SMALL)),
         "mixtral": ("MixtralForCausalLM", lambda: t.MixtralConfig(**SMALL, num_local_experts=4, **moe)),
         "qwen3_moe": ("Qwen3MoeForCausalLM", lambda: t.Qwen3MoeConfig(**SMALL, num_experts=4, moe_intermediate_size=8, head_dim=8, **moe)),
         "qwen2_moe": (
@@ -66,12 +114,20 @@ def _configs() -> dict[str, tuple[str, Callable[[], Any]]]:
             "GptOssForCausalLM",
             lambda: t.GptOssConfig(**SMALL, num_local_experts=4, head_dim=8, layer_types=["full_attention", "sliding_attention"], **moe),
         ),
+        "llama4_text": ("Llama4ForCausalLM", lambda: t.Llama4TextConfig(**llama4_text)),
         "llava": ("LlavaForConditionalGeneration", llava),
         "qwen2_vl": ("Qwen2VLForConditionalGeneration", qwen2_vl),
+        "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", qwen2_5_vl),
+        "mistral3": ("Mistral3ForConditionalGeneration", mistral3),
+        "gemma3": ("Gemma3ForConditionalGeneration", gemma3),
+        "llama4": ("Llama4ForConditionalGeneration", llama4),
     }
 
 
-FAMILIES = ("qwen3", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "gpt_oss", "llava", "qwen2_vl")
+DENSE = ("qwen3", "qwen2", "mistral", "gemma2", "gemma3_text", "phi3", "gpt_neox", "olmo2", "starcoder2")
+MOE = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "gpt_oss", "llama4_text")
+VLM = ("llava", "qwen2_vl", "qwen2_5_vl", "mistral3", "gemma3", "llama4")
+FAMILIES = DENSE + MOE + VLM
 
 
 def model_class(family: str) -> Any:
