@@ -176,3 +176,22 @@ def test_without_transformers_the_table_gives_the_same_output(
     streammerge.run(plan)
     for f in ("model.safetensors", "config.json"):
         assert (tmp_path / "with" / f).read_bytes() == (tmp_path / "without" / f).read_bytes()
+
+
+def test_fused_experts_stream_in_tiles_that_cut_across_experts(tmp_path: Path) -> None:
+    """gpt-oss experts stored fused: a tile boundary inside an expert's band of rows changes nothing."""
+    import transformers
+
+    cfg = transformers.GptOssConfig(
+        vocab_size=64, hidden_size=48, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=8, num_local_experts=4, num_experts_per_tok=2, layer_types=["full_attention"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.GptOssForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    base = tmp_path / "base"
+    adapter = make_adapter(base, tmp_path / "lora", r=3, lora_alpha=6, target_modules=[], target_parameters=EXPERTS)
+    plan = streammerge.plan(base, [adapter], tmp_path / "out", tile_size="64KiB")
+    fused = next(u for u in plan.units if u.name.endswith("experts.gate_up_proj"))
+    assert fused.rows == 4 * 48 and fused.tile_rows < fused.rows and fused.tile_rows % 48 != 0
+    streammerge.run(plan)
+    _check_exact(tmp_path / "out", peft_merged(base, adapter, tmp_path / "ref"), base)
