@@ -28,6 +28,7 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
+    "F8_E8M0": torch.float8_e8m0fnu,
 }
 
 
@@ -281,6 +282,45 @@ def quant_fp8(
     view.clamp_(-FP8_MAX, FP8_MAX)
     codes = tmp[:n, :cols].to(torch.float8_e4m3fn).view(torch.uint8)
     return codes, stored
+
+
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+"""The FP4 e2m1 value of each 4-bit code."""
+
+
+def fp4_pair_table(device: torch.device) -> torch.Tensor:
+    """(256, 2) float32: the two values a byte of MXFP4 codes holds, the low nibble's first."""
+    values = torch.tensor(FP4_VALUES, dtype=torch.float32, device=device)
+    byte = torch.arange(256, device=device)
+    return torch.stack([values[byte & 15], values[byte >> 4]], dim=1)
+
+
+def dequant_mxfp4(
+    codes: torch.Tensor, exponents: torch.Tensor, table: torch.Tensor, out: torch.Tensor, work: Workspace | None = None, role: str = ""
+) -> torch.Tensor:
+    """Whole experts of an MXFP4 parameter: ``FP4[code] * 2^(s - 127)`` in float32, transposed, one cast into ``out``.
+
+    ``codes`` holds n experts' stored bytes (uint8, their (n, N, K / 32, 16) blocks), ``exponents`` their
+    (n, N, K / 32) E8M0 bytes, ``table`` :func:`fp4_pair_table`; ``out`` is the (n * K, N) rows of the
+    (E, K, N) parameter: transformers' ``convert_moe_packed_tensors`` (exact: an FP4 value times a power of two).
+
+    >>> codes = torch.tensor([0x21] + [0] * 15, dtype=torch.uint8)  # codes 1 (0.5) and 2 (1.0), then zeros
+    >>> out = dequant_mxfp4(codes, torch.tensor([[[128]]], dtype=torch.uint8), fp4_pair_table(torch.device("cpu")), torch.empty(32, 1))
+    >>> out[:3, 0].tolist()
+    [1.0, 2.0, 0.0]
+    """
+    n, rows, groups = exponents.shape
+    cols = groups * 32
+    work = work or Workspace(codes.device)
+    index = work.get("mx_index" + role, torch.int32, (codes.numel(),))
+    index.copy_(codes.reshape(-1))
+    values = work.get("mx_values" + role, torch.float32, (codes.numel(), 2))
+    torch.index_select(table, 0, index, out=values)
+    grouped = values.view(n, rows, groups, 32)
+    powers = exponents.to(torch.int32) - 127
+    torch.ldexp(grouped, powers[..., None], out=grouped)
+    out.view(n, cols, rows).copy_(grouped.view(n, rows, cols).transpose(1, 2))
+    return out
 
 
 class Workspace:

@@ -26,7 +26,9 @@ from streammerge.kernels import (
     dequant_4bit,
     dequant_fp8,
     dequant_int8,
+    dequant_mxfp4,
     double_quant_scales,
+    fp4_pair_table,
     nibble_table,
     quant_fp8,
 )
@@ -83,6 +85,8 @@ class Dequantizer:
         if quant.kind == "fp8":
             assert quant.scale is not None
             return cls(quant, None, fp8_scales(load(quant.scale), quant))
+        if quant.kind == "mxfp4":
+            return cls(quant, fp4_pair_table(device), mxfp4_exponents(load(quant.scale), quant))
         table = _nibble_table(load(quant.quant_map))
         if quant.nested_absmax is not None:
             nested_map = load(quant.nested_quant_map)
@@ -99,7 +103,11 @@ class Dequantizer:
         n = out.shape[0]
         first, count = row0 * unit.row_elems, n * unit.row_elems
         raw = raw.to(out.device)
-        if self.quant.kind == "fp8":
+        if self.quant.kind == "mxfp4":
+            assert self.table is not None
+            k = self.quant.block_rows  # rows of one expert; tiles hold whole experts
+            dequant_mxfp4(raw, self.scales[row0 // k : (row0 + n) // k], self.table, out.view(n, unit.row_elems), work, role)
+        elif self.quant.kind == "fp8":
             q = self.quant
             dequant_fp8(raw, self.scales, row0, q.block_rows, q.block_cols, out.view(n, unit.row_elems), work, role)
         elif self.table is None:  # int8: one byte per element, one scale per row
@@ -124,6 +132,21 @@ def fp8_scales(raw: torch.Tensor, quant: QuantSpec) -> torch.Tensor:
         )
     shape = quant.scale.shape  # per-tensor and per-channel scales may be stored flat: one grid column
     return values.view(-1, shape[1] if len(shape) == 2 else 1)
+
+
+def mxfp4_exponents(raw: torch.Tensor, quant: QuantSpec) -> torch.Tensor:
+    """An MXFP4 parameter's E8M0 exponents as uint8 (E, N, K / 32); 255 (E8M0's NaN) is refused with
+    the file and tensor named (it would poison its 32 values)."""
+    assert quant.scale is not None
+    exponents = raw.view(torch.uint8).view(quant.scale.shape)
+    bad = exponents == 255
+    if bool(bad.any()):
+        i = int(bad.reshape(-1).nonzero()[0])
+        raise BadCheckpoint(
+            f"{quant.scale.file}: tensor {quant.scale_name!r}: MXFP4 scale {i} is 0xFF, E8M0's NaN "
+            f"({int(bad.sum())} of {exponents.numel()} scales)"
+        )
+    return exponents
 
 
 class FP8Requantizer:

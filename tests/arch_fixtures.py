@@ -114,6 +114,16 @@ def _configs() -> dict[str, tuple[str, Callable[[], Any]]]:
             "GptOssForCausalLM",
             lambda: t.GptOssConfig(**SMALL, num_local_experts=4, head_dim=8, layer_types=["full_attention", "sliding_attention"], **moe),
         ),
+        "gpt_oss_mx": (  # experts' K (hidden, intermediate) a multiple of 32, as MXFP4 needs
+            "GptOssForCausalLM",
+            lambda: t.GptOssConfig(
+                **{**SMALL, "hidden_size": 64, "intermediate_size": 32},
+                num_local_experts=4,
+                head_dim=16,
+                layer_types=["full_attention", "sliding_attention"],
+                **moe,
+            ),
+        ),
         "llama4_text": ("Llama4ForCausalLM", lambda: t.Llama4TextConfig(**llama4_text)),
         "llava": ("LlavaForConditionalGeneration", llava),
         "qwen2_vl": ("Qwen2VLForConditionalGeneration", qwen2_vl),

@@ -195,3 +195,18 @@ def test_fused_experts_stream_in_tiles_that_cut_across_experts(tmp_path: Path) -
     assert fused.rows == 4 * 48 and fused.tile_rows < fused.rows and fused.tile_rows % 48 != 0
     streammerge.run(plan)
     _check_exact(tmp_path / "out", peft_merged(base, adapter, tmp_path / "ref"), base)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_merged_4bit_moe_leaves_routers_and_experts_16bit_and_loads(family: str, base_of: Callable[[str], Path], tmp_path: Path) -> None:
+    """transformers quantizes only nn.Linear layers: routers (raw parameters in transformers 5) stay 16-bit."""
+    from transformers import AutoModelForCausalLM
+
+    base = base_of(family)
+    adapter = make_adapter(base, tmp_path / "lora", target_modules="all-linear", target_parameters=TARGETS[family])
+    streammerge.run(streammerge.plan(base, [adapter], tmp_path / "out", mode="merged_4bit"))
+    names = open_checkpoint(tmp_path / "out").tensors
+    assert any(n.endswith("q_proj.weight.absmax") for n in names)
+    assert not any(".gate.weight." in n or (".experts." in n and n.endswith(".absmax")) for n in names)
+    _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", device_map="cpu", output_loading_info=True)
+    assert not any(info.values()), info

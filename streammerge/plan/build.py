@@ -16,6 +16,7 @@ from streammerge.errors import BadCheckpoint, BudgetTooSmall, StreamMergeError
 from streammerge.formats.bnb import Quant4bit
 from streammerge.formats.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, Checkpoint, is_quantized, open_checkpoint
 from streammerge.formats.fp8 import FP8_METHODS, FP8Weight
+from streammerge.formats.mxfp4 import MXFP4_METHOD, MXFP4Weight
 from streammerge.formats.peft import CONFIG_NAME as ADAPTER_CONFIG
 from streammerge.formats.peft import WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
 from streammerge.formats.peft import Adapter, open_adapter
@@ -36,12 +37,23 @@ from streammerge.plan.quant import (
     requant_choices,
     requant_config,
 )
+from streammerge.plan.resolve import Names
 from streammerge.sizes import format_bytes, parse_dtype, parse_size
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 DEFAULT_TILE_BYTES = 64 * 2**20
 MIN_TILE_BYTES = 64 * 2**10
 COMBINATIONS = ("cat", "linear")
+
+
+def _fused_in_memory(ckpt: Checkpoint) -> frozenset[str]:
+    """Checkpoint tensors that transformers stacks into 3-D parameters (MoE experts): not linear layers,
+    so ``merged_4bit`` leaves them 16-bit as transformers' own 4-bit loading does."""
+    if not any(".experts." in name for name in ckpt.tensors):
+        return frozenset()
+    naming = Names(ckpt).naming
+    params = naming.params.values() if naming else ()
+    return frozenset(piece.tensor for p in params if len(p.shape) == 3 for piece in p.pieces)
 
 
 def plan(
@@ -92,14 +104,18 @@ def plan(
     adapters = [resolve(a, "adapter") for a in adapters]
     ckpt = _open_base(os.fspath(base), [os.fspath(a) for a in adapters])
     method = is_quantized(ckpt)
-    if method not in (None, "bitsandbytes", "bitsandbytes 4-bit", "bitsandbytes 8-bit", *FP8_METHODS):
+    if method not in (None, "bitsandbytes", "bitsandbytes 4-bit", "bitsandbytes 8-bit", MXFP4_METHOD, *FP8_METHODS):
         raise BadCheckpoint(
-            f"{ckpt.root}: base is quantized with {method}; streammerge reads bitsandbytes 4/8-bit, FP8 (fp8, compressed-tensors) "
-            "and unquantized bases"
+            f"{ckpt.root}: base is quantized with {method}; streammerge reads bitsandbytes 4/8-bit, FP8 (fp8, compressed-tensors), "
+            "MXFP4 (gpt-oss) and unquantized bases"
         )
     model_dtype = quantized_default_dtype({k: v for k, v in (ckpt.config or {}).items() if k != "quantization_config"}, {})
     quantized = find_quantized(ckpt.tensors, ckpt.config, model_dtype, ckpt.root)
     fp8 = {n: q for n, q in quantized.items() if isinstance(q, FP8Weight)}
+    if method == MXFP4_METHOD and not any(isinstance(q, MXFP4Weight) for q in quantized.values()):
+        raise BadCheckpoint(
+            f"{ckpt.root}: config.json says mxfp4 but no tensor is MXFP4 blocks (*_blocks with *_scales); checkpoint incomplete?"
+        )
     if method in FP8_METHODS and not fp8:
         raise BadCheckpoint(f"{ckpt.root}: config.json says {method} but no weight has FP8 scales beside it; checkpoint incomplete?")
     if mode == "merged_fp8" and not fp8:
@@ -129,7 +145,7 @@ def plan(
     notes += [f"adapter {root} is given more than once: each time with its own weight, as --weights says" for root in repeated]
     if mode == "lora" and len(opened) > 1:
         raise StreamMergeError("--mode lora writes one adapter; give exactly one")
-    requant = requant_choices(ckpt, quantized, out_dtype) if mode == "merged_4bit" else {}
+    requant = requant_choices(ckpt, quantized, out_dtype, _fused_in_memory(ckpt)) if mode == "merged_4bit" else {}
     if mode == "merged_fp8":
         requant = fp8_requant_choices(quantized, ckpt.config)
     # merged_4bit from a 4-bit base (merged_fp8 from an FP8 one): weights no adapter touches keep their

@@ -55,9 +55,10 @@ DEVICE_ALLOCATOR_SLACK_BYTES = 64 * 2**20
 allocations of 1-10 MiB from 20 MiB segments and rounds larger ones up to 2 MiB."""
 PER_UNIT_BOOKKEEPING_BYTES = 4096
 """Plan objects and progress state per work unit, resident for the whole run."""
-QUANT_ROW_COST = {"nf4": 4 + 4 + 1, "fp4": 4 + 4 + 1, "int8": 4 + 4, "fp8": 4 + 1}
+QUANT_ROW_COST = {"nf4": 4 + 4 + 1, "fp4": 4 + 4 + 1, "int8": 4 + 4, "fp8": 4 + 1, "mxfp4": 2 + 4 + 1}
 """Temporaries per element while dequantizing a tile: float32 values, indices or int8 widening (FP8: the
-float32 product and its block scales expanded over the rows), slack."""
+float32 product and its block scales expanded over the rows; MXFP4: a code index per byte and the float32
+values before their transpose), slack."""
 REQUANT_ELEM_BYTES = 4 + 2
 """Per element of a tile re-quantized to 4 bit: the merged tile in float32, then bitsandbytes'
 packed codes and temporaries."""

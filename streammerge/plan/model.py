@@ -18,6 +18,7 @@ from typing import Any, Literal
 from streammerge.errors import PlanMismatch, StreamMergeError
 from streammerge.formats.bnb import ABSMAX, NESTED_ABSMAX, NESTED_BLOCKSIZE, NESTED_QUANT_MAP, QUANT_MAP, Quant8bit, state_name
 from streammerge.formats.fp8 import FP8Weight
+from streammerge.formats.mxfp4 import MXFP4Weight
 from streammerge.formats.quantized import Quantized
 from streammerge.formats.safetensors import OutputSlot, OutputTensor, Source
 
@@ -88,10 +89,12 @@ class AddTerm:
 @dataclass(frozen=True)
 class QuantSpec:
     """How to dequantize a quantized source: bitsandbytes 4-bit (nf4/fp4) block scales or int8 row
-    scales, or FP8 codes with one scale per (block_rows, block_cols) block."""
+    scales, FP8 codes with one scale per (block_rows, block_cols) block, or MXFP4 experts (one E8M0
+    exponent per 32 codes; each expert's stored (N, K) is dequantized and transposed to (K, N), so the
+    unit's rows are the E * K rows of the (E, K, N) parameter and tiles hold whole experts)."""
 
     kind: str
-    """"nf4", "fp4", "int8" or "fp8"."""
+    """"nf4", "fp4", "int8", "fp8" or "mxfp4"."""
     blocksize: int
     absmax: Source | None = None
     quant_map: Source | None = None
@@ -101,14 +104,18 @@ class QuantSpec:
     nested_offset: float = 0.0
     scb: Source | None = None
     scale: Source | None = None
-    """FP8: the float scales, (ceil(rows / block_rows), ceil(cols / block_cols)) values."""
+    """FP8: the float scales, (ceil(rows / block_rows), ceil(cols / block_cols)) values; MXFP4: the
+    E8M0 exponents, (E, N, K / 32) bytes."""
     scale_name: str = ""
-    """FP8: the scale tensor's name (for error messages)."""
+    """FP8, MXFP4: the scale tensor's name (for error messages)."""
     block_rows: int = 0
     block_cols: int = 0
+    """FP8: the rows and columns one scale covers; MXFP4: block_rows is K, the rows of one expert."""
 
     @classmethod
     def of(cls, q: Quantized) -> QuantSpec:
+        if isinstance(q, MXFP4Weight):
+            return cls(kind="mxfp4", blocksize=0, scale=Source.of(q.scale), scale_name=q.scale.name, block_rows=q.shape[1])
         if isinstance(q, FP8Weight):
             return cls(
                 kind="fp8", blocksize=0, scale=Source.of(q.scale), scale_name=q.scale.name, block_rows=q.block[0], block_cols=q.block[1]
@@ -136,8 +143,8 @@ class QuantSpec:
     @property
     def row_step(self) -> int:
         """Tiles start on a multiple of this many rows: whole FP8 block rows (1 otherwise; 4-bit blocks run
-        across rows and are aligned by ``blocksize``)."""
-        return self.block_rows if self.kind == "fp8" else 1
+        across rows and are aligned by ``blocksize``; MXFP4: whole experts)."""
+        return self.block_rows if self.kind in ("fp8", "mxfp4") else 1
 
 
 @dataclass(frozen=True)

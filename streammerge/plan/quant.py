@@ -14,6 +14,7 @@ from typing import Any
 from streammerge.formats.bnb import Quant4bit, Quant8bit, state_json
 from streammerge.formats.checkpoint import Checkpoint
 from streammerge.formats.fp8 import SCALE, SCALE_INV, FP8Weight
+from streammerge.formats.mxfp4 import BLOCKS, MXFP4Weight
 from streammerge.formats.quantized import Quantized
 from streammerge.formats.safetensors import FLOAT_DTYPES, TensorInfo
 from streammerge.plan.estimate import dequant_costs
@@ -23,16 +24,20 @@ from streammerge.sizes import format_bytes, parse_dtype
 DTYPE_CONFIG_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 """Safetensors dtype names as config.json and quant states spell them."""
 
-_LINEAR_SKIP = ("embed", "wte", "wpe", "lm_head", "norm", "score")
-"""Name parts of 2-D weights that are not linear layers transformers would quantize."""
+_LINEAR_SKIP = ("embed", "wte", "wpe", "lm_head", "norm", "score", ".router.", ".gate.weight")
+"""Name parts of 2-D weights that are not linear layers transformers would quantize (MoE routers,
+``mlp.gate`` / ``block_sparse_moe.gate`` / ``mlp.router``, are raw parameters in transformers 5)."""
 
 
-def requant_choices(ckpt: Checkpoint, quantized: dict[str, Quantized], out_dtype: str) -> dict[str, RequantSpec]:
+def requant_choices(
+    ckpt: Checkpoint, quantized: dict[str, Quantized], out_dtype: str, fused: frozenset[str] = frozenset()
+) -> dict[str, RequantSpec]:
     """Which weights ``--mode merged_4bit`` writes in 4 bit, and how.
 
     From a 4-bit base: exactly its 4-bit weights, each with its own quant type and block size.
-    Otherwise: every 2-D ``*.weight`` that is not an embedding, norm or output head, in NF4 with
-    double quantization and blocksize 64 (what QLoRA uses).
+    Otherwise: every 2-D ``*.weight`` that is not an embedding, norm, output head, MoE router or
+    (``fused``) a per-expert tensor transformers fuses into a 3-D parameter, in NF4 with double
+    quantization and blocksize 64 (what QLoRA uses).
     """
     state_dtype = DTYPE_CONFIG_NAMES[out_dtype]
     four_bit = {name: q for name, q in quantized.items() if isinstance(q, Quant4bit)}
@@ -41,7 +46,7 @@ def requant_choices(ckpt: Checkpoint, quantized: dict[str, Quantized], out_dtype
         q = four_bit.get(t.name)
         if four_bit and q is None:
             continue
-        if q is None and (len(t.shape) != 2 or not t.name.endswith(".weight") or any(p in t.name for p in _LINEAR_SKIP)):
+        if q is None and (len(t.shape) != 2 or not t.name.endswith(".weight") or any(p in t.name for p in _LINEAR_SKIP) or t.name in fused):
             continue
         if t.dtype not in FLOAT_DTYPES:
             continue
@@ -126,20 +131,27 @@ def logical_view(ckpt: Checkpoint, quantized: dict[str, Quantized]) -> Checkpoin
         if name in companions:
             continue
         q = quantized.get(name)
-        if isinstance(q, (Quant4bit, FP8Weight)):
+        mx = quantized.get(name.removesuffix(BLOCKS)) if name.endswith(BLOCKS) else None
+        if isinstance(mx, MXFP4Weight):  # the blocks stand for the logical (E, K, N) parameter, under its own name
+            name, t = mx.name, dataclasses.replace(t, name=mx.name, dtype=mx.dtype, shape=mx.shape)
+        elif isinstance(q, (Quant4bit, FP8Weight)):
             t = dataclasses.replace(t, dtype=q.dtype, shape=q.shape)
         elif isinstance(q, Quant8bit):
             dtype = quantized_default_dtype({k: v for k, v in (ckpt.config or {}).items() if k != "quantization_config"}, {})
             t = dataclasses.replace(t, dtype=dtype)
         tensors[name] = t
-    order = [tensors[t.name] for t in ckpt.ordered() if t.name in tensors]
+
+    def logical(name: str) -> str:
+        return name.removesuffix(BLOCKS) if isinstance(quantized.get(name.removesuffix(BLOCKS)), MXFP4Weight) else name
+
+    order = [tensors[logical(t.name)] for t in ckpt.ordered() if logical(t.name) in tensors]
     return dataclasses.replace(ckpt, tensors=tensors, order=tuple(order))
 
 
 def quantized_notes(quantized: dict[str, Quantized], merged: bool, units: list[WorkUnit] | None = None) -> list[str]:
     if not quantized:
         return []
-    kinds = Counter(q.quant_type if isinstance(q, (Quant4bit, FP8Weight)) else "int8" for q in quantized.values())
+    kinds = Counter(q.quant_type if isinstance(q, (Quant4bit, FP8Weight, MXFP4Weight)) else "int8" for q in quantized.values())
     cost = ""
     if units:
         tile, stats = dequant_costs(units)
