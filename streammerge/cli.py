@@ -173,6 +173,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     streammerge run   plan.json             execute a saved plan (--part K/N: one part of it)
     streammerge finish plan.json            assemble OUT from the parts of a split run
     streammerge verify OUT                  check an output against its manifest
+    streammerge pack OUT / unpack P -o OUT  byte-grouped zstd for transfer, restored byte for byte
     streammerge inspect PATH                what a model, adapter or file holds
     streammerge demo                        built-in example, no download
     """
@@ -328,7 +329,13 @@ def _execute(
     help="Print a machine-readable report on stdout when done (out, bytes_written, seconds, peak_rss_bytes, reads, device, "
     "units, notes, ...); no progress bar. Notes and errors still go to stderr.",
 )
-def merge(reads: str, resume: bool, verify_after: bool, quiet: bool, as_json: bool, **spec: Any) -> None:
+@click.option(
+    "--pack",
+    "pack_after",
+    is_flag=True,
+    help="Also pack the output into OUT.smpack when done (as `streammerge pack OUT`; a step after the merge, see README).",
+)
+def merge(reads: str, resume: bool, verify_after: bool, quiet: bool, as_json: bool, pack_after: bool, **spec: Any) -> None:
     """Merge the LoRA ADAPTERS into the model in BASE and write a standalone model to OUT.
 
     \b
@@ -344,6 +351,12 @@ def merge(reads: str, resume: bool, verify_after: bool, quiet: bool, as_json: bo
     _execute(p, quiet, None, resume, spec["vram_budget"], reads, as_json)
     if verify_after:
         _report_verify(p.out, None, 0, quiet=as_json)
+    if pack_after:
+        from streammerge.pack import pack
+
+        r = pack(p.out, overwrite=p.overwrite)
+        if not quiet:
+            click.echo(f"packed {r.dest}: {format_bytes(r.packed_bytes)} ({r.ratio:.3f}x) in {r.seconds:.1f} s", err=True)
 
 
 @cli.command("plan")
@@ -414,6 +427,54 @@ def finish_cmd(plan_file: str) -> None:
     p = Plan.load(plan_file)
     with output_lock(p.out, shared=True):  # beside running parts, never beside a whole run
         click.echo(parts.finish(p, plan_file), err=True)
+
+
+@cli.command("pack")
+@click.argument("src", type=click.Path())
+@click.option("-o", "--out", "dest", type=click.Path(), default=None, help="Packed folder to write (default: SRC.smpack).")
+@click.option(
+    "--level",
+    default=1,
+    show_default=True,
+    help="zstd level (1-22); on weights 1 packs smallest and fastest, higher levels find matches that cost more than they save.",
+)
+@click.option("--threads", default=None, type=int, help="Compressing threads (default: one per CPU).")
+@click.option("--chunk-size", default="16MiB", show_default=True, help="Raw bytes per compressed chunk (memory: about 2 x threads chunks).")
+@_overwrite_option
+def pack_cmd(src: str, dest: str | None, level: int, threads: int | None, chunk_size: str, overwrite: bool) -> None:
+    """Pack a model folder for transfer: byte-grouped zstd per chunk (bf16: ~1.4x smaller), lossless.
+
+    \b
+    Example:
+      streammerge pack ./merged                     (writes ./merged.smpack)
+      streammerge unpack ./merged.smpack -o ./merged-again
+    """
+    from streammerge.pack import pack
+
+    r = pack(src, dest, level=level, threads=threads, chunk_bytes=parse_size(chunk_size, "chunk size"), overwrite=overwrite)
+    click.echo(
+        f"packed {r.src} into {r.dest}: {format_bytes(r.raw_bytes)} -> {format_bytes(r.packed_bytes)} ({r.ratio:.3f}x) "
+        f"in {r.seconds:.1f} s ({format_bytes(int(r.raw_bytes / max(r.seconds, 1e-9)))}/s)",
+        err=True,
+    )
+
+
+@cli.command("unpack")
+@click.argument("src", type=click.Path())
+@click.option("-o", "--out", "dest", required=True, type=click.Path(), help="Folder to restore into (written atomically).")
+@click.option("--threads", default=None, type=int, help="Decompressing threads (default: one per CPU).")
+@_overwrite_option
+def unpack_cmd(src: str, dest: str, threads: int | None, overwrite: bool) -> None:
+    """Restore a folder packed by `streammerge pack`: the same bytes, each tensor checked against the manifest's CRC-32."""
+    from streammerge.pack import unpack
+
+    r = unpack(src, dest, threads=threads, overwrite=overwrite)
+    checked = f"{r.checked_tensors} tensors match the manifest's CRC-32" if r.checked_tensors else "no manifest: chunk CRC-32s checked"
+    click.echo(
+        f"unpacked {r.src} into {r.dest}: {format_bytes(r.raw_bytes)} in {r.seconds:.1f} s "
+        f"({format_bytes(int(r.raw_bytes / max(r.seconds, 1e-9)))}/s); {checked}",
+        err=True,
+    )
 
 
 @cli.command("verify")
