@@ -14,7 +14,7 @@ same zstd level and thread count, and unpacks them again (checking the bytes):
 Files are in the page cache (each is read once first), so the figures are the CPU's, not the disk's.
 Ratio = raw bytes / packed bytes; speeds are raw MB per second.
 
-Usage (from the repository root)::
+Usage (from the repository root; ZipNN comes with ``.venv/bin/pip install -e '.[bench]'``)::
 
     .venv/bin/python bench/pack_speed.py --size 0.1b --workdir /tmp/smb
     .venv/bin/python bench/pack_speed.py --size 1b --workdir /tmp/smb --threads 2 --json out.json

@@ -12,13 +12,13 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import click
 
 from streammerge.errors import StreamMergeError
-from streammerge.plan import DEFAULT_TILE_BYTES, MODES, Plan
+from streammerge.plan import DEFAULT_TILE_BYTES, MODES, Change, Plan
 from streammerge.plan import plan as make_plan
 from streammerge.sizes import format_bytes, format_seconds, parse_size
 
@@ -231,7 +231,7 @@ def _resume_command() -> str:
     return " ".join(["streammerge", *(shlex.quote(a) for a in args)])
 
 
-def _describe_plan(p: Plan) -> list[tuple[str, str]]:
+def _describe_plan(p: Plan, full: bool = False) -> list[tuple[str, str]]:
     e = p.estimate
     tensors = len(p.units)
     in_bytes = sum(u.source.nbytes for u in p.units)
@@ -255,6 +255,23 @@ def _describe_plan(p: Plan) -> list[tuple[str, str]]:
         ),
     ]
     rows += [("note", n) for n in p.notes]
+    rows += _change_rows(p.changes, len(p.adapters), full)
+    return rows
+
+
+def _change_rows(changes: Sequence[Change], adapters: int, full: bool) -> list[tuple[str, str]]:
+    """What each adapter module changes in the base: folded over layers and experts, or (``full``) one by one."""
+    from streammerge.describe import change_summary
+
+    def who(i: int) -> str:
+        return f"changes (adapter {i + 1})" if adapters > 1 else "changes"
+
+    if full:
+        return [(who(c.adapter), f"{c.module} -> {', '.join(c.tensors)}") for c in changes]
+    rows = []
+    for r in change_summary(changes):
+        times = f" (x{r['modules']}, {r['tensor_count']} tensors)" if r["modules"] > 1 else ""
+        rows.append((who(r["adapter"]), f"{r['module']}{times} -> {', '.join(r['tensors'])}"))
     return rows
 
 
@@ -363,7 +380,11 @@ def merge(reads: str, resume: bool, verify_after: bool, quiet: bool, as_json: bo
 @_plan_params
 @click.option("--json", "as_json", is_flag=True, help="Print the whole plan, with its estimate, as JSON.")
 @click.option("--save", type=click.Path(), help="Save the plan as JSON here; run it later with `streammerge run`.")
-def plan_cmd(as_json: bool, save: str | None, **spec: Any) -> None:
+@click.option(
+    "--changes", "all_changes", is_flag=True,
+    help="List every adapter module and the base tensors it changes (default: folded over layers and experts).",
+)  # fmt: skip
+def plan_cmd(as_json: bool, save: str | None, all_changes: bool, **spec: Any) -> None:
     """Dry run: read headers only and show what a merge would do and need.
 
     \b
@@ -377,7 +398,7 @@ def plan_cmd(as_json: bool, save: str | None, **spec: Any) -> None:
     if as_json:
         click.echo(p.to_json())
     else:
-        _echo_table(_describe_plan(p))
+        _echo_table(_describe_plan(p, all_changes))
         if save:
             click.echo(f"plan saved to {save}; run it with: streammerge run {save}")
 
@@ -533,15 +554,29 @@ def _report_verify(out: str, against: tuple[str, list[str]] | str | None, sample
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 @click.option("--tensors", is_flag=True, help="List every tensor.")
-def inspect(path: str, as_json: bool, tensors: bool) -> None:
-    """Show what a model folder, an adapter folder or a .safetensors file holds (headers only)."""
+@click.option(
+    "--base", type=click.Path(), default=None,
+    help="With an adapter: the base model; shows which base tensors each adapter module changes (--tensors: every one).",
+)  # fmt: skip
+def inspect(path: str, as_json: bool, tensors: bool, base: str | None) -> None:
+    """Show what a model folder, an adapter folder or a .safetensors file holds (headers only).
+
+    \b
+    Examples:
+      streammerge inspect ./Mixtral-8x7B
+      streammerge inspect ./my-lora --base ./Mixtral-8x7B     (which base tensors each module changes)
+    """
     from streammerge.describe import describe
 
-    info = describe(path)
+    info = describe(path, base=base)
     if as_json:
         click.echo(json.dumps(info, indent=1))
         return
-    rows = [(k, _fmt_value(k, v)) for k, v in info.items() if k != "tensor_list" and v not in (None, [], {})]
+    skip = {"tensor_list", "changes", "change_list"}
+    rows = [(k, _fmt_value(k, v)) for k, v in info.items() if k not in skip and v not in (None, [], {})]
+    if "change_list" in info:
+        listed = [Change(c["adapter"], c["module"], tuple(c["tensors"])) for c in info["change_list"]]
+        rows += _change_rows(listed, 1, tensors)
     _echo_table(rows)
     if tensors:
         for t in info["tensor_list"]:

@@ -90,14 +90,17 @@ def _torch_threads(n: int | None) -> Iterator[None]:
 
 
 def _load_factors(files: SourceFiles, term: LoraTerm, device: torch.device) -> Factors:
-    def load(src: Source) -> torch.Tensor:
+    def load(src: Source, cols: tuple[int, int, int] | None) -> torch.Tensor:
         t = files.tensor(src, 0, src.nbytes // TORCH_DTYPES[src.dtype].itemsize).view(src.shape)
-        out = t.to(device=device, dtype=ACCUMULATE, copy=True)
+        if cols is not None:  # only the columns this term uses are converted (one expert's rank columns)
+            t = t[:, slice(*cols)]
+        out = t.to(device=device, dtype=ACCUMULATE, copy=True).contiguous()
         del t
         files.release(src.file, src.offset, src.nbytes)
         return out
 
-    return Factors(a=load(term.a), b=load(term.b), scale=term.scale, transpose=term.transpose)
+    a, b = load(term.a, term.a_cols), load(term.b, term.b_cols)
+    return Factors(a=a, b=b, scale=term.scale, transpose=term.transpose, rows=term.rows)
 
 
 class _MemorySink:
@@ -181,7 +184,7 @@ class _UnitRun:
     def start(cls, unit: WorkUnit, files: SourceFiles, out: Sink, work: Workspace, tiles: Tiles) -> _UnitRun:
         factors = [_load_factors(files, term, work.device) for term in unit.lora]
         if unit.combination == "linear" and len(factors) > 1:
-            factors = [combine_linear(factors)]
+            factors = combine_linear(factors)
         return cls(
             unit=unit,
             tiles=tiles,

@@ -45,6 +45,8 @@ class Factors:
     b: torch.Tensor
     scale: float
     transpose: bool
+    rows: tuple[int, int] | None = None
+    """The delta covers only rows ``rows[0]:rows[1]`` of the weight (one expert of fused experts)."""
 
 
 def merge_rows(
@@ -53,7 +55,8 @@ def merge_rows(
     """Rows ``row0 : row0 + len(w_rows)`` of ``W + sum(scale * B @ A)``, rounded once into ``out``.
 
     ``w_rows`` is a (rows, cols) slice of the base weight in any float dtype and ``out`` a
-    caller-owned buffer of that shape. ``acc`` is a float64 (chunk, cols) buffer: the tile is
+    caller-owned buffer of that shape. A factor with ``rows`` adds only to that band of rows
+    (its B or A^T then starts at the band's first row). ``acc`` is a float64 (chunk, cols) buffer: the tile is
     merged ``chunk`` rows at a time so the accumulator stays in the CPU cache and only the
     16-bit input and output travel through memory. With ``transpose`` (fan_in_fan_out bases
     store W as (in, out)) the delta is ``(B @ A).T``, whose rows are the columns of A.
@@ -70,27 +73,41 @@ def merge_rows(
         a.copy_(w_rows[c0 : c0 + m])
         r0 = row0 + c0
         for f in factors:
+            lo, hi, first = r0, r0 + m, 0
+            if f.rows is not None:
+                first = f.rows[0]
+                lo, hi = max(lo, first), min(hi, f.rows[1])
+                if lo >= hi:
+                    continue
+            dst = a[lo - r0 : hi - r0]
             if f.transpose:
-                a.addmm_(f.a[:, r0 : r0 + m].T, f.b.T, alpha=f.scale)
+                dst.addmm_(f.a[:, lo - first : hi - first].T, f.b.T, alpha=f.scale)
             else:
-                a.addmm_(f.b[r0 : r0 + m], f.a, alpha=f.scale)
+                dst.addmm_(f.b[lo - first : hi - first], f.a, alpha=f.scale)
         if magnitude is not None:
             a.mul_((magnitude[r0 : r0 + m] / torch.linalg.vector_norm(a, dim=1))[:, None])
         out[c0 : c0 + m].copy_(a)
     return out
 
 
-def combine_linear(factors: list[Factors]) -> Factors:
-    """PEFT's ``linear`` combination of several LoRA terms of equal rank, as one term.
+def combine_linear(factors: list[Factors]) -> list[Factors]:
+    """PEFT's ``linear`` combination of several LoRA terms of equal rank: one term per band of rows
+    (all rows, or one expert's).
 
     With ``w_i`` the term's scale (adapter weight x LoRA scaling): ``A = sum sign(w_i) sqrt(|w_i|) A_i``,
     ``B = sum sqrt(|w_i|) B_i``, and the delta is ``B @ A``: cross terms included, as in
     ``add_weighted_adapter(..., combination_type="linear")``.
     """
-    a = sum(math.copysign(math.sqrt(abs(f.scale)), f.scale) * f.a for f in factors)
-    b = sum(math.sqrt(abs(f.scale)) * f.b for f in factors)
-    assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
-    return Factors(a=a, b=b, scale=1.0, transpose=factors[0].transpose)
+    bands: dict[tuple[int, int] | None, list[Factors]] = {}
+    for f in factors:
+        bands.setdefault(f.rows, []).append(f)
+    out = []
+    for rows, group in bands.items():
+        a = sum(math.copysign(math.sqrt(abs(f.scale)), f.scale) * f.a for f in group)
+        b = sum(math.sqrt(abs(f.scale)) * f.b for f in group)
+        assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+        out.append(Factors(a=a, b=b, scale=1.0, transpose=group[0].transpose, rows=rows))
+    return out
 
 
 def nibble_table(quant_map: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,6 @@ _UNSUPPORTED_KEYS: tuple[tuple[re.Pattern[str], str], ...] = (
 _UNSUPPORTED_CONFIG = (
     ("alora_invocation_tokens", "activated LoRA (alora_invocation_tokens), whose effect depends on the input and cannot be merged"),
     ("layer_replication", "layer_replication, which changes the architecture"),
-    ("target_parameters", "LoRA on raw parameters (target_parameters)"),
     ("use_qalora", "QA-LoRA (use_qalora)"),
     ("trainable_token_indices", "trainable tokens (trainable_token_indices)"),
     ("use_bdlora", "block-diagonal LoRA (use_bdlora)"),
@@ -61,6 +60,16 @@ class LoraPair:
     """DoRA: the learned magnitude of each output row (``lora_magnitude_vector``)."""
     bias: TensorInfo | None = None
     """lora_bias: ``lora_B.bias``, added to the base bias times ``scale``."""
+    param_depth: int | None = None
+    """LoRA on a raw parameter of ``module`` (PEFT's ParamWrapper, ``target_parameters``): how many
+    ParamWrappers are nested inside this one (0: the outermost, keys without ``.base_layer``). Which
+    parameter it is, its rank and its scale are known only against the base (see
+    :func:`streammerge.plan.mapping.map_updates`); ``rank`` and ``scale`` here assume one expert."""
+
+    @property
+    def key_module(self) -> str:
+        """The module as the adapter's keys spell it (ParamWrappers nested ``.base_layer`` deep)."""
+        return self.module + ".base_layer" * (self.param_depth or 0)
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,9 @@ def _check_config(path: str, config: dict[str, Any]) -> tuple[int, float, bool, 
         )
     rslora = _config_value(path, config, "use_rslora", (bool,), False)
     fifo = _config_value(path, config, "fan_in_fan_out", (bool,), False)
+    targets = _config_value(path, config, "target_parameters", (list,), [])
+    if not all(isinstance(t, str) and t for t in targets):
+        raise BadAdapter(f"{path}: 'target_parameters' must be a list of parameter names, found {targets!r}")
     ranks = _config_value(path, config, "rank_pattern", (dict,), {})
     alphas = _config_value(path, config, "alpha_pattern", (dict,), {})
     for key, pattern in (("rank_pattern", ranks), ("alpha_pattern", alphas)):
@@ -197,14 +209,17 @@ def open_adapter(root: str | os.PathLike[str]) -> Adapter:
             t = next(iter(found.values()))
             raise BadAdapter(f"{weights_path}: tensor {t.name!r} belongs to module {module!r}, which has no lora_A/lora_B")
 
+    targets = list(config.get("target_parameters") or [])
     pairs = [
-        _make_pair(weights_path, module, ab, extras.get(module, {}), r, alpha, rslora, ranks, alphas) for module, ab in factors.items()
+        _make_pair(weights_path, module, ab, extras.get(module, {}), r, alpha, rslora, ranks, alphas, targets)
+        for module, ab in factors.items()
     ]
     flavours = ["rslora" if rslora else "lora"]
     flavours += [name for name, used in (("rank_pattern", ranks), ("alpha_pattern", alphas), ("fan_in_fan_out", fifo)) if used]
     flavours += [
         name
         for name, used in (
+            ("target_parameters", any(p.param_depth is not None for p in pairs)),
             ("dora", any(p.magnitude is not None for p in pairs)),
             ("embedding lora", any(p.embedding for p in pairs)),
             ("lora_bias", any(p.bias is not None for p in pairs)),
@@ -223,6 +238,31 @@ def open_adapter(root: str | os.PathLike[str]) -> Adapter:
         fan_in_fan_out=fifo,
         flavours=tuple(flavours),
     )
+
+
+def targets_module(targets: list[str], module: str) -> bool:
+    """Whether some ``target_parameters`` entry names a parameter of ``module`` (PEFT's matching:
+    the full ``module.param`` key, or a suffix of it after a dot)."""
+    for t in targets:
+        t_module = t.rpartition(".")[0]
+        if module == t_module or module.endswith("." + t_module):
+            return True
+    return False
+
+
+def targeted_params(targets: list[str], module: str, params: tuple[str, ...]) -> list[str]:
+    """The parameters of ``module`` (in registration order) that ``target_parameters`` names."""
+    return [p for p in params if any(f"{module}.{p}" == t or f"{module}.{p}".endswith("." + t) for t in targets)]
+
+
+def param_rank_alpha(adapter: Adapter, key: str) -> tuple[int, float]:
+    """r and lora_alpha PEFT gives the ParamWrapper of parameter ``key`` (patterns match the parameter's name)."""
+    cfg = adapter.config
+    ranks, alphas = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    rank_key, alpha_key = pattern_key(list(ranks), key), pattern_key(list(alphas), key)
+    rank = ranks[rank_key] if rank_key is not None else int(cfg.get("r", 8))
+    alpha = alphas[alpha_key] if alpha_key is not None else cfg.get("lora_alpha", 8)
+    return int(rank), float(alpha)
 
 
 def _strip_prefix(module: str) -> str:
@@ -268,7 +308,12 @@ def _make_pair(
     rslora: bool,
     ranks: dict[str, int],
     alphas: dict[str, float],
+    targets: list[str],
 ) -> LoraPair:
+    depth = 0
+    while module.endswith(".base_layer"):
+        module, depth = module.removesuffix(".base_layer"), depth + 1
+    param_depth = depth if depth or targets_module(targets, module) else None
     embedding = "eA" in ab or "eB" in ab
     a, b = (ab.get("eA"), ab.get("eB")) if embedding else (ab.get("A"), ab.get("B"))
     if a is None or b is None or len(ab) != 2:
@@ -291,6 +336,14 @@ def _make_pair(
     alpha_key = pattern_key(list(alphas), module)
     rank = ranks[rank_key] if rank_key is not None else r
     lora_alpha = float(alphas[alpha_key]) if alpha_key is not None else alpha
+    if param_depth is not None:  # A is (experts * r, in): checked against the base's parameter
+        if extra:
+            t = next(iter(extra.values()))
+            raise UnsupportedAdapter(
+                f"{path}: tensor {t.name!r}: PEFT does not train DoRA or lora_bias on raw parameters (target_parameters)"
+            )
+        scale = lora_alpha / math.sqrt(rank) if rslora else lora_alpha / rank
+        return LoraPair(module=module, a=a, b=b, rank=rank, alpha=lora_alpha, scale=scale, param_depth=param_depth)
     if a.shape[0] != rank:
         raise BadAdapter(f"{path}: tensor {a.name!r} has rank {a.shape[0]} but adapter_config.json gives r={rank} for {module!r}")
     scale = lora_alpha / math.sqrt(rank) if rslora else lora_alpha / rank

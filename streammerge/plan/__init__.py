@@ -16,6 +16,7 @@ from streammerge.plan.layout import check_inputs_unchanged, check_output, layout
 from streammerge.plan.model import (
     MODES,
     AddTerm,
+    Change,
     CopyFile,
     Estimate,
     Fingerprint,
@@ -36,6 +37,7 @@ __all__ = [
     "MIN_TILE_BYTES",
     "MODES",
     "AddTerm",
+    "Change",
     "CopyFile",
     "Estimate",
     "Fingerprint",

@@ -235,6 +235,7 @@ def plan(
         inputs=inputs,
         estimate=estimate,
         notes=tuple(notes),
+        changes=updates.changes,
     )
 
 

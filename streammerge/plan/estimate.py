@@ -116,7 +116,7 @@ def unit_bytes(u: WorkUnit) -> int:
 
 def _factor_bytes(term: LoraTerm) -> int:
     """A and B held in float64 for the whole unit, plus their mapped pages while being read."""
-    elems = math.prod(term.a.shape) + math.prod(term.b.shape)
+    elems = math.prod(term.a_shape) + math.prod(term.b_shape)
     return elems * ACC_SIZE + term.a.nbytes + term.b.nbytes
 
 

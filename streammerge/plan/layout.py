@@ -55,6 +55,8 @@ def make_unit(
     op: Op = "merge" if lora or update.adds else "dequant" if quant else ("copy" if dtype == t.dtype and not requant else "cast")
     if (op in ("merge", "dequant") or requant is not None) and len(shape) == 2:
         rows, row_elems = shape[0], shape[1]
+    elif op == "merge" and quant is None and requant is None and len(shape) > 2:  # fused experts (E, d1, d2): E * d1 rows
+        rows, row_elems = math.prod(shape[:-1]), shape[-1]
     else:  # copy/cast do not care about the shape: stream the flat elements
         rows, row_elems = math.prod(shape), 1
     if requant is not None and requant.quant_type == "fp8":  # the main output is the FP8 codes

@@ -16,21 +16,9 @@ from streammerge.errors import AdapterMismatch, UnsupportedAdapter
 from streammerge.formats.checkpoint import Checkpoint
 from streammerge.formats.peft import PEFT_PREFIX, Adapter, LoraPair
 from streammerge.formats.safetensors import FLOAT_DTYPES, Source, TensorInfo
-from streammerge.plan.model import AddTerm, LoraTerm
-
-
-def find_base_tensor(ckpt: Checkpoint, module: str, param: str = "weight") -> TensorInfo | None:
-    """The base tensor of a module PEFT names: ``<module>.weight``, else the unique tensor ending so."""
-    exact = ckpt.tensors.get(f"{module}.{param}")
-    if exact is not None:
-        return exact
-    suffix = f".{module}.{param}"
-    found = [t for name, t in ckpt.tensors.items() if name.endswith(suffix)]
-    if len(found) == 1:
-        return found[0]
-    # The base may be saved without the wrapper prefix PEFT saw (e.g. "model."): try dropping it.
-    head, _, rest = module.partition(".")
-    return ckpt.tensors.get(f"{rest}.{param}") if head and rest else None
+from streammerge.plan.model import AddTerm, Change, LoraTerm
+from streammerge.plan.naming import Naming
+from streammerge.plan.resolve import Names, param_terms
 
 
 @dataclass(frozen=True)
@@ -59,6 +47,8 @@ class Updates:
     """Tensors the output needs that the base does not store (an untied lm_head)."""
     config_edits: dict[str, Any]
     notes: tuple[str, ...]
+    changes: tuple[Change, ...] = ()
+    """Per adapter module, the base tensors it changes (for ``plan`` / ``inspect``)."""
 
 
 def _input_embedding(ckpt: Checkpoint) -> TensorInfo | None:
@@ -66,12 +56,15 @@ def _input_embedding(ckpt: Checkpoint) -> TensorInfo | None:
     return found[0] if len(found) == 1 else None
 
 
-def map_updates(ckpt: Checkpoint, adapters: list[Adapter], weights: list[float], combination: str) -> Updates:
+def map_updates(ckpt: Checkpoint, adapters: list[Adapter], weights: list[float], combination: str, naming: Naming | None = None) -> Updates:
     """Map every adapter tensor to the base tensor it changes, checking shapes.
 
     Tied embeddings: when the base stores no ``lm_head.weight`` (or says ``tie_word_embeddings``)
     and an adapter changes either side, both tensors are written, each with its own changes, and
     the config unties them: more correct than merging one side's delta into the shared tensor.
+
+    Names the checkpoint does not have are looked up in its in-memory naming (``naming``, else
+    worked out on first need: see :mod:`streammerge.plan.naming`).
     """
     embed = _input_embedding(ckpt)
     tied_config = bool((ckpt.config or {}).get("tie_word_embeddings", False))
@@ -86,15 +79,17 @@ def map_updates(ckpt: Checkpoint, adapters: list[Adapter], weights: list[float],
     if virtual_head is not None:
         lookup[OUTPUT_EMBEDDING] = virtual_head
     view = dataclasses.replace(ckpt, tensors=lookup)
+    names = Names(view, naming)
 
     terms: dict[str, list[LoraTerm]] = {}
+    changes: list[Change] = []
     sources: dict[str, TensorInfo] = {}
     magnitudes: dict[str, Source] = {}
     adds: dict[str, list[AddTerm]] = {}
     edits: dict[str, Any] = {}
     for adapter in adapters:  # every replacement first: LoRA shapes are checked against the final tensors
         for name, saved in adapter.replacements.items():
-            target = view.tensors.get(name) or find_base_tensor(view, name.rsplit(".", 1)[0], name.rsplit(".", 1)[1])
+            target = view.tensors.get(name) or names.tensor(name.rsplit(".", 1)[0], name.rsplit(".", 1)[1])
             if target is None:
                 raise AdapterMismatch(
                     f"{adapter.weights_path}: tensor {saved.name!r} replaces {name!r}, which the base {ckpt.root} does not have"
@@ -113,12 +108,19 @@ def map_updates(ckpt: Checkpoint, adapters: list[Adapter], weights: list[float],
             sources[target.name] = saved
     for index, (adapter, weight) in enumerate(zip(adapters, weights, strict=True)):
         for pair in adapter.pairs:
-            target = find_base_tensor(view, pair.module)
+            if pair.param_depth is not None:
+                param, found = param_terms(names, adapter, pair, weight, index)
+                for target, term in found:
+                    terms.setdefault(target.name, []).append(term)
+                changes.append(Change(index, param, tuple(dict.fromkeys(t.name for t, _ in found))))
+                continue
+            target = names.tensor(pair.module)
             if target is None:
                 raise AdapterMismatch(
                     f"{adapter.weights_path}: tensor {pair.a.name!r} adapts {pair.module + '.weight'!r}, which the base {ckpt.root} does not have"
-                    f"{_targeting_hint(adapter, pair.module)}"
+                    f" (looked for {names.looked_for(pair.module)}){_targeting_hint(adapter, pair.module)}"
                 )
+            changes.append(Change(index, pair.module, (target.name,)))
             shape = sources[target.name].shape if target.name in sources else target.shape
             transpose = pair.embedding or adapter.fan_in_fan_out
             _check_pair_shape(adapter, pair, target, shape, transpose)
@@ -169,9 +171,11 @@ def map_updates(ckpt: Checkpoint, adapters: list[Adapter], weights: list[float],
         notes.append("the adapter changes one side of tied input/output embeddings: both are written and the config unties them")
         if virtual_head is not None:
             extra = (virtual_head,)
-    names = set(terms) | set(sources) | set(magnitudes) | set(adds)
-    updates = {n: BaseUpdate(tuple(terms.get(n, ())), sources.get(n), magnitudes.get(n), tuple(adds.get(n, ()))) for n in names}
-    return Updates(updates, extra, edits, tuple(notes))
+    touched = set(terms) | set(sources) | set(magnitudes) | set(adds)
+    updates = {n: BaseUpdate(tuple(terms.get(n, ())), sources.get(n), magnitudes.get(n), tuple(adds.get(n, ()))) for n in touched}
+    if names.used is not None:
+        notes.append(f"adapter names resolved through the {names.used.source}")
+    return Updates(updates, extra, edits, tuple(notes), tuple(changes))
 
 
 def _targeting_hint(adapter: Adapter, module: str) -> str:
@@ -199,7 +203,7 @@ def adapter_tensors(adapter: Adapter) -> list[TensorInfo]:
     named: dict[str, str] = {t.name: t.name for t in adapter.replacements.values()}
     for p in adapter.pairs:
         a, b = ("lora_embedding_A", "lora_embedding_B") if p.embedding else ("lora_A.weight", "lora_B.weight")
-        named[p.a.name], named[p.b.name] = f"{PEFT_PREFIX}{p.module}.{a}", f"{PEFT_PREFIX}{p.module}.{b}"
+        named[p.a.name], named[p.b.name] = f"{PEFT_PREFIX}{p.key_module}.{a}", f"{PEFT_PREFIX}{p.key_module}.{b}"
         if p.magnitude is not None:
             named[p.magnitude.name] = f"{PEFT_PREFIX}{p.module}.lora_magnitude_vector"
         if p.bias is not None:

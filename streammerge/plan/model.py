@@ -41,6 +41,40 @@ class LoraTerm:
     transpose: bool
     adapter: int
     """Index into :attr:`Plan.adapters`."""
+    a_cols: tuple[int, int, int] | None = None
+    """Only these columns of ``a`` (start, stop, step): the slice of a LoRA on a fused parameter that
+    one checkpoint tensor holds (e.g. the gate half of a fused gate_up projection stored (in, out))."""
+    b_cols: tuple[int, int, int] | None = None
+    """Only these columns of ``b``: one expert's rank columns of a LoRA on fused experts (PEFT orders
+    B's columns rank-major, expert-minor)."""
+    rows: tuple[int, int] | None = None
+    """The delta covers only these rows of the tensor's (rows, cols) view (one expert of a 3-D tensor);
+    None: all rows."""
+
+    @property
+    def a_shape(self) -> tuple[int, int]:
+        """Shape of ``a`` once :attr:`a_cols` are taken."""
+        return self.a.shape[0], _span_len(self.a.shape[1], self.a_cols)
+
+    @property
+    def b_shape(self) -> tuple[int, int]:
+        """Shape of ``b`` once :attr:`b_cols` are taken."""
+        return self.b.shape[0], _span_len(self.b.shape[1], self.b_cols)
+
+
+def _span_len(n: int, span: tuple[int, int, int] | None) -> int:
+    return n if span is None else len(range(n)[slice(*span)])
+
+
+@dataclass(frozen=True)
+class Change:
+    """What one adapter module changes: the base tensors its LoRA goes into."""
+
+    adapter: int
+    module: str
+    """The module as the adapter names it (in-memory names), or for LoRA on a raw parameter
+    (``target_parameters``) that parameter, e.g. ``model.layers.0.mlp.experts.gate_up_proj``."""
+    tensors: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -298,6 +332,8 @@ class Plan:
     inputs: tuple[Fingerprint, ...]
     estimate: Estimate
     notes: tuple[str, ...] = field(default=())
+    changes: tuple[Change, ...] = field(default=())
+    """Per adapter module (LoRA pairs only), the base tensors it changes."""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
@@ -334,6 +370,11 @@ def _tuple(x: Any) -> tuple[Any, ...]:
     return tuple(x)
 
 
+def _term(t: dict[str, Any], src: Any) -> LoraTerm:
+    spans = {k: None if t.get(k) is None else _tuple(t[k]) for k in ("a_cols", "b_cols", "rows")}
+    return LoraTerm(**{**t, "a": src(t["a"]), "b": src(t["b"]), **spans})
+
+
 def plan_from_dict(obj: Any, where: str = "plan") -> Plan:
     """Rebuild a :class:`Plan` from its JSON form, refusing plans of another version."""
     try:
@@ -360,7 +401,7 @@ def plan_from_dict(obj: Any, where: str = "plan") -> Plan:
                     **u,
                     "source": src(u["source"]),
                     "shape": _tuple(u["shape"]),
-                    "lora": tuple(LoraTerm(**{**t, "a": src(t["a"]), "b": src(t["b"])}) for t in u["lora"]),
+                    "lora": tuple(_term(t, src) for t in u["lora"]),
                     "quant": quant(u.get("quant")),
                     "requant": requant(u.get("requant")),
                     "extra": tuple(OutputSlot(**{**x, "shape": _tuple(x["shape"])}) for x in u.get("extra", ())),
@@ -382,6 +423,7 @@ def plan_from_dict(obj: Any, where: str = "plan") -> Plan:
                 "inputs": tuple(Fingerprint(**i) for i in obj["inputs"]),
                 "estimate": Estimate(**obj["estimate"]),
                 "notes": _tuple(obj.get("notes", ())),
+                "changes": tuple(Change(c["adapter"], c["module"], _tuple(c["tensors"])) for c in obj.get("changes", ())),
             }
         )
     except StreamMergeError:
