@@ -41,6 +41,9 @@ def run(
     vram_budget: int | None = None,
     reads: str = "auto",
     part: tuple[int, int] | None = None,
+    engine: str = "local",
+    address: str | None = None,
+    parts: int | None = None,
 ) -> Report:
     """Execute a plan and return its :class:`~streammerge.execute.Report` (timings, bytes, peak RSS).
 
@@ -52,7 +55,30 @@ def run(
     plan (:mod:`streammerge.parts`: one of many processes or machines writing the same output). See
     :func:`streammerge.execute.run`. torch is imported here, not at ``import streammerge``, so
     planning stays fast and light.
+
+    ``engine="ray"`` runs the plan's parts as Ray tasks instead (:func:`streammerge.rayrun.run`:
+    ``parts`` of them, by default as many as the cluster fits; ``address`` for ``ray.init``), with the
+    same bytes as a run on one machine.
     """
+    if engine not in ("local", "ray"):
+        raise StreamMergeError(f"engine {engine!r}: expected 'local' or 'ray'")
+    if engine == "ray":
+        if part is not None:
+            raise StreamMergeError("engine='ray' runs every part itself; part=(k, n) is for one part run by hand")
+        from streammerge import rayrun
+
+        def on_ray(progress: Progress | None) -> Report:
+            return rayrun.run(plan, address=address, parts=parts, progress=progress, device=device, vram_budget=vram_budget, reads=reads)
+
+        if progress is True:
+            from streammerge.progress import ProgressBar
+
+            ray_bar = ProgressBar()
+            try:
+                return on_ray(ray_bar)
+            finally:
+                ray_bar.close()
+        return on_ray(progress or None)
     from streammerge.inputs import Reading
 
     if part is not None:
