@@ -11,6 +11,7 @@ Three steps, each its own module, with plain data between them::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import TYPE_CHECKING
 
@@ -44,6 +45,7 @@ def run(
     engine: str = "local",
     address: str | None = None,
     parts: int | None = None,
+    pack_to: str | None = None,
 ) -> Report:
     """Execute a plan and return its :class:`~streammerge.execute.Report` (timings, bytes, peak RSS).
 
@@ -58,7 +60,8 @@ def run(
 
     ``engine="ray"`` runs the plan's parts as Ray tasks instead (:func:`streammerge.rayrun.run`:
     ``parts`` of them, by default as many as the cluster fits; ``address`` for ``ray.init``), with the
-    same bytes as a run on one machine.
+    same bytes as a run on one machine. ``pack_to`` also writes the output packed there
+    (:mod:`streammerge.pack`), compressed from the writer's stream on a whole run.
     """
     if engine not in ("local", "ray"):
         raise StreamMergeError(f"engine {engine!r}: expected 'local' or 'ray'")
@@ -68,7 +71,14 @@ def run(
         from streammerge import rayrun
 
         def on_ray(progress: Progress | None) -> Report:
-            return rayrun.run(plan, address=address, parts=parts, progress=progress, device=device, vram_budget=vram_budget, reads=reads)
+            report = rayrun.run(plan, address=address, parts=parts, progress=progress, device=device, vram_budget=vram_budget, reads=reads)
+            if pack_to is None:
+                return report
+            from streammerge.pack import pack
+
+            packed = pack(plan.out, pack_to, overwrite=plan.overwrite)  # parts: from the finished output
+            note = f"packed {packed.dest} after the merge: {packed.raw_bytes} -> {packed.packed_bytes} bytes ({packed.ratio:.3f}x)"
+            return dataclasses.replace(report, notes=(*report.notes, note))
 
         if progress is True:
             from streammerge.progress import ProgressBar
@@ -92,7 +102,9 @@ def run(
         reading.start()  # the first reads overlap the torch import below
         from streammerge.execute import run as _run
 
-        go = functools.partial(_run, plan, device=device, reading=reading, resume=resume, vram_budget=vram_budget, part=part)
+        go = functools.partial(
+            _run, plan, device=device, reading=reading, resume=resume, vram_budget=vram_budget, part=part, pack_to=pack_to
+        )
         if progress is True:
             from streammerge.progress import ProgressBar
 

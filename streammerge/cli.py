@@ -291,6 +291,7 @@ def _execute(
     as_json: bool = False,
     part: tuple[int, int] | None = None,
     ray: tuple[str | None, int | None] | None = None,
+    pack_to: str | None = None,
 ) -> None:
     from streammerge import run
     from streammerge.execute import Report
@@ -316,9 +317,19 @@ def _execute(
                 engine="ray",
                 address=ray[0],
                 parts=ray[1],
+                pack_to=pack_to,
             )
         else:
-            report = run(p, progress=not (quiet or as_json), device=device, resume=resume, vram_budget=budget, reads=reads, part=part)
+            report = run(
+                p,
+                progress=not (quiet or as_json),
+                device=device,
+                resume=resume,
+                vram_budget=budget,
+                reads=reads,
+                part=part,
+                pack_to=pack_to,
+            )
     except KeyboardInterrupt:
         kept = os.path.isdir(partial)
         ctx.meta["streammerge.partial_hint"] = (
@@ -395,7 +406,8 @@ def _ray_spec(address: str | None, count: int | None) -> tuple[str | None, int |
     "--pack",
     "pack_after",
     is_flag=True,
-    help="Also pack the output into OUT.smpack when done (as `streammerge pack OUT`; a step after the merge, see README).",
+    help="Also write OUT.smpack (as `streammerge pack OUT` would), compressed from the merge's stream as the tiles are "
+    "written (a resumed or --ray run packs the finished output instead).",
 )
 @_ray_options
 def merge(
@@ -422,15 +434,10 @@ def merge(
     """
     ray = _ray_spec(ray_address, ray_parts)
     p = _make_plan(**spec)
-    _execute(p, quiet, None, resume, spec["vram_budget"], reads, as_json, ray=ray)
+    pack_to = p.out.rstrip(os.sep) + ".smpack" if pack_after else None
+    _execute(p, quiet, None, resume, spec["vram_budget"], reads, as_json, ray=ray, pack_to=pack_to)
     if verify_after:
         _report_verify(p.out, None, 0, quiet=as_json)
-    if pack_after:
-        from streammerge.pack import pack
-
-        r = pack(p.out, overwrite=p.overwrite)
-        if not quiet:
-            click.echo(f"packed {r.dest}: {format_bytes(r.packed_bytes)} ({r.ratio:.3f}x) in {r.seconds:.1f} s", err=True)
 
 
 @cli.command("plan")

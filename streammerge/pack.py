@@ -478,4 +478,149 @@ def unpack(src: str | os.PathLike[str], dest: str | os.PathLike[str], *, threads
     return PackReport(src, dest, raw, packed, time.perf_counter() - start, len(packed_names), len(seen))
 
 
-__all__ = ["MANIFEST_FILE", "PackReport", "pack", "pack_file", "read_index", "unpack", "unpack_file"]
+class StreamPacker:
+    """Packs a merge's output as the writer writes it (``merge --pack``): every tile the writer
+    thread hands to the disk is also split into planes and compressed, on ``threads`` threads,
+    into ``NAME.safetensors.smz`` files in ``DEST.partial``; :meth:`finish` adds their indexes,
+    the output's small files, and renames ``DEST.partial`` to ``DEST``. The output is never read
+    back, except the untouched tensors the kernel copied file to file.
+
+    Chunks land in the ``.smz`` in the order their compression finishes; the index orders them by
+    position. At most ``2 * threads`` tiles wait for compression (copies of the writer's buffers),
+    on top of the merge's own memory. Used for whole runs only; a resumed or split run packs after.
+    """
+
+    def __init__(self, plan: Any, dest: str, *, level: int = DEFAULT_LEVEL, threads: int | None = None, overwrite: bool = False) -> None:
+        from streammerge.formats.safetensors import parse_header
+        from streammerge.plan.model import shard_header_bytes
+
+        self.dest, self.level = dest, level
+        self.threads = threads or os.cpu_count() or 1
+        self.partial = _fresh(dest, overwrite)
+        self._zstd = _zstd()
+        self._local = threading.local()
+        self._pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="streammerge-pack")
+        self._room = threading.BoundedSemaphore(2 * self.threads)
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._futures: list[concurrent.futures.Future[None]] = []
+        self.files: list[str] = []
+        self._fds: list[int] = []
+        self._pos: list[int] = []
+        self._chunks: list[list[dict[str, Any]]] = []
+        self._sizes: list[int] = []
+        self._width: list[dict[int, tuple[str, int]]] = []
+        """Per shard: tensor start offset -> (name, width)."""
+        self._starts: list[list[int]] = []
+        for shard in plan.shards:
+            raw = shard_header_bytes(shard)
+            header = parse_header(raw[8:], path=shard.file, file_size=shard.size)
+            self.files.append(shard.file)
+            fd = os.open(os.path.join(self.partial, shard.file + SUFFIX), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | CLOEXEC, 0o644)
+            self._fds.append(fd)
+            pwrite_all(fd, MAGIC, 0)
+            self._pos.append(len(MAGIC))
+            self._chunks.append([])
+            self._sizes.append(shard.size)
+            starts = {t.offset: (t.name, _width(t.dtype)) for t in header.tensors if t.nbytes}
+            self._width.append(starts)
+            self._starts.append(sorted(starts))
+            self._submit(len(self.files) - 1, 0, raw, "", 1)
+
+    def _tensor_at(self, shard: int, offset: int) -> tuple[str, int]:
+        import bisect
+
+        starts = self._starts[shard]
+        i = bisect.bisect_right(starts, offset) - 1
+        return self._width[shard][starts[i]] if i >= 0 else ("", 1)
+
+    def add(self, shard: int, offset: int, data: memoryview | bytes) -> None:
+        """Pack ``data``, written at ``offset`` of output shard ``shard`` (copied: the caller may reuse it)."""
+        if self._error is not None:
+            raise self._error
+        tensor, width = self._tensor_at(shard, offset)
+        for start in range(0, len(data), CHUNK_BYTES):
+            piece = bytes(data[start : start + CHUNK_BYTES])
+            self._submit(shard, offset + start, piece, tensor, width if len(piece) % width == 0 else 1)
+
+    def add_from_file(self, shard: int, offset: int, path: str, nbytes: int) -> None:
+        """Pack ``nbytes`` already in the output file ``path`` at ``offset`` (a tensor the kernel copied)."""
+        with open(path, "rb") as f:
+            for start in range(0, nbytes, CHUNK_BYTES):
+                f.seek(offset + start)
+                self.add(shard, offset + start, f.read(min(CHUNK_BYTES, nbytes - start)))
+
+    def _submit(self, shard: int, at: int, raw: bytes, tensor: str, width: int) -> None:
+        self._room.acquire()
+        self._futures.append(self._pool.submit(self._pack, shard, at, raw, tensor, width))
+
+    def _pack(self, shard: int, at: int, raw: bytes, tensor: str, width: int) -> None:
+        try:
+            if not hasattr(self._local, "c"):
+                self._local.c = self._zstd.ZstdCompressor(level=self.level)
+            planes = []
+            for plane in _planes(raw, width):
+                z = self._local.c.compress(plane)
+                planes.append((z, "zstd") if len(z) < RAW_IF_ABOVE * len(plane) else (plane, "raw"))
+            entry: dict[str, Any] = {"at": at, "n": len(raw), "tensor": tensor, "width": width, "crc32": zlib.crc32(raw), "planes": []}
+            with self._lock:
+                for data, codec in planes:
+                    pwrite_all(self._fds[shard], data, self._pos[shard])
+                    entry["planes"].append([self._pos[shard], len(data), codec])
+                    self._pos[shard] += len(data)
+                self._chunks[shard].append(entry)
+        except BaseException as e:
+            self._error = self._error or e
+        finally:
+            self._room.release()
+
+    def finish(self, out: str) -> PackReport:
+        """After the merge renamed its output to ``out``: indexes, small files, rename into place.
+
+        OutputError when the chunks do not cover every shard exactly (the merge wrote something
+        this packer did not see): pack the output with :func:`pack` instead."""
+        import time
+
+        start = time.perf_counter()
+        self._pool.shutdown(wait=True)
+        if self._error is not None:
+            raise self._error
+        packed = 0
+        for i, name in enumerate(self.files):
+            chunks = sorted(self._chunks[i], key=lambda c: int(c["at"]))
+            covered = 0
+            for c in chunks:
+                if c["at"] != covered:
+                    raise OutputError(f"{name}: streamed pack has a gap at byte {covered}; pack it instead: streammerge pack {out}")
+                covered += c["n"]
+            if covered != self._sizes[i]:
+                raise OutputError(
+                    f"{name}: streamed pack covers {covered} of {self._sizes[i]} bytes; pack it instead: streammerge pack {out}"
+                )
+            text = json.dumps(
+                {"format": FORMAT, "file": name, "size": self._sizes[i], "level": self.level, "chunks": chunks}, separators=(",", ":")
+            ).encode("utf-8")
+            pwrite_all(self._fds[i], text + struct.pack("<Q", len(text)) + TAIL, self._pos[i])
+            os.fsync(self._fds[i])
+            packed += self._pos[i] + len(text) + 16
+        self._close()
+        for name in sorted(os.listdir(out)):
+            path = os.path.join(out, name)
+            if name not in self.files and os.path.isfile(path) and not name.startswith("."):
+                shutil.copyfile(path, os.path.join(self.partial, name))
+        _into_place(self.partial, self.dest)
+        return PackReport(out, self.dest, sum(self._sizes), packed, time.perf_counter() - start, len(self.files))
+
+    def _close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+    def abort(self) -> None:
+        """Drop the packed files (the merge failed)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._close()
+        remove(self.partial)
+
+
+__all__ = ["MANIFEST_FILE", "PackReport", "StreamPacker", "pack", "pack_file", "read_index", "unpack", "unpack_file"]

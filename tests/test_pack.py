@@ -28,8 +28,11 @@ def merged(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("pack")
     base = make_llama(root / "base", hidden_size=128, intermediate_size=352, num_hidden_layers=2, vocab_size=512)
     lora = make_lora(base, root / "lora")
-    r = run_cli("merge", str(base), str(lora), "-o", str(root / "merged"), "--max-shard-size", "400KB", "-q", "--pack")
+    r = run_cli(
+        "merge", str(base), str(lora), "-o", str(root / "merged"), "--max-shard-size", "400KB", "-q", "--pack", "--tile-size", "64KiB"
+    )
     assert r.exit_code == 0, r.stderr
+    assert "packed" in r.stderr and "from the merge's stream" in r.stderr  # compressed as the tiles were written
     return root / "merged"
 
 
@@ -240,3 +243,33 @@ def test_bad_folders_and_manifests_are_refused(merged: Path, tmp_path: Path) -> 
     manifest_path.write_text(json.dumps(manifest))
     r = run_cli("unpack", str(tmp_path / "p"), "-o", str(tmp_path / "u"))
     assert r.exit_code == 2 and "is not in the manifest" in r.stderr
+
+
+def test_streamed_pack_of_a_requantized_merge_and_of_a_resumed_one(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from streammerge.write import STOP_AFTER_ENV
+    from tests.quantized_fixtures import make_llama_4bit
+
+    base = make_llama_4bit(tmp_path / "base", hidden_size=128, intermediate_size=352, num_hidden_layers=2, vocab_size=512)
+    lora = make_lora(base, tmp_path / "lora")
+    out = tmp_path / "m4"
+    # merged_4bit writes packed codes and their statistics (small writes), and copies untouched tensors
+    r = run_cli("merge", str(base), str(lora), "-o", str(out), "--mode", "merged_4bit", "-q", "--pack", "--max-shard-size", "300KB")
+    assert r.exit_code == 0 and "from the merge's stream" in r.stderr, r.stderr
+    r = run_cli("unpack", str(tmp_path / "m4.smpack"), "-o", str(tmp_path / "u4"))
+    assert r.exit_code == 0 and digest(tmp_path / "u4") == digest(out), r.stderr
+    # killed part way, then resumed with --pack: packed from the finished output instead
+    args = [str(base), str(lora), "-o", str(tmp_path / "r"), "-q", "--pack", "--max-shard-size", "300KB"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), STOP_AFTER_ENV: "3"}
+    proc = subprocess.run([sys.executable, "-m", "streammerge", "merge", *args], env=env, capture_output=True, timeout=300)
+    assert proc.returncode == 137 and not (tmp_path / "r.smpack").exists()  # a SIGKILL leaves r.smpack.partial, as r.partial
+    r = run_cli("merge", *args, "--resume")
+    assert r.exit_code == 0 and "after the merge" in r.stderr, r.stderr
+    assert not (tmp_path / "r.smpack.partial").exists()
+    r = run_cli("unpack", str(tmp_path / "r.smpack"), "-o", str(tmp_path / "ur"))
+    assert r.exit_code == 0 and digest(tmp_path / "ur") == digest(tmp_path / "r"), r.stderr
+    r = run_cli("merge", *args)  # the packed folder exists: refused before any work, as the output is
+    assert r.exit_code == 2 and "already exists" in r.stderr

@@ -64,9 +64,12 @@ def test_a_part_whose_worker_dies_is_retried_and_the_bytes_are_a_single_runs(
 def test_merge_with_ray_and_engine_ray(local_ray: None, model: tuple[Path, Path, dict[str, str]], tmp_path: Path) -> None:
     base, lora, reference = model
     out = tmp_path / "cli"
-    r = run_cli("merge", str(base), str(lora), "-o", str(out), "--max-shard-size", SHARD, "--parts", "2", "--ray")
+    r = run_cli("merge", str(base), str(lora), "-o", str(out), "--max-shard-size", SHARD, "--parts", "2", "--pack", "--ray")
     assert r.exit_code == 0, r.stderr
     assert digest(out) == reference and "ran as 2 Ray tasks" in r.stderr and "wrote" in r.stderr
+    assert "after the merge" in r.stderr  # parts: packed from the finished output
+    assert run_cli("unpack", str(tmp_path / "cli.smpack"), "-o", str(tmp_path / "again")).exit_code == 0
+    assert digest(tmp_path / "again") == reference
     # again over it, through the Python API, with the default number of parts (2 CPUs: one part at a time)
     plan = streammerge.plan(str(base), [str(lora)], out=str(out), max_shard_size=SHARD, overwrite=True)
     report = streammerge.run(plan, engine="ray")
