@@ -273,3 +273,19 @@ def test_streamed_pack_of_a_requantized_merge_and_of_a_resumed_one(tmp_path: Pat
     assert r.exit_code == 0 and digest(tmp_path / "ur") == digest(tmp_path / "r"), r.stderr
     r = run_cli("merge", *args)  # the packed folder exists: refused before any work, as the output is
     assert r.exit_code == 2 and "already exists" in r.stderr
+
+
+def test_a_stream_packer_that_missed_bytes_refuses_to_finish(tmp_path: Path) -> None:
+    import streammerge
+    from streammerge.errors import OutputError
+
+    base = make_llama(tmp_path / "base")
+    lora = make_lora(base, tmp_path / "lora")
+    plan = streammerge.plan(str(base), [str(lora)], out=str(tmp_path / "out"))
+    packer = packing.StreamPacker(plan, str(tmp_path / "out.smpack"), threads=2)
+    shard = plan.shards[0]
+    packer.add(0, shard.size - 64, bytes(64))  # the last 64 bytes only: a gap after the header
+    with pytest.raises(OutputError, match="gap at byte"):
+        packer.finish(str(tmp_path))
+    packer.abort()
+    assert not (tmp_path / "out.smpack").exists() and not (tmp_path / "out.smpack.partial").exists()
