@@ -125,6 +125,23 @@ class _Board:
         return dict(self.parts)
 
 
+def _check_feasible(plan: Plan, need: PartResources, nodes: list[dict[str, Any]]) -> None:
+    """Refuse, before submitting, parts that no node of the cluster can run (Ray would wait for one forever)."""
+    wanted = {"CPU": need.num_cpus, "memory": need.memory, "GPU": need.num_gpus}
+    for node in nodes:
+        have = node.get("Resources", {})
+        if node.get("Alive") and all(have.get(k, 0) >= v for k, v in wanted.items() if v):
+            return
+    most = {k: max((n.get("Resources", {}).get(k, 0) for n in nodes if n.get("Alive")), default=0) for k in wanted}
+    raise StreamMergeError(
+        f"{plan.out}: no Ray node can run a part: one needs {need.num_cpus:g} CPU, {need.memory / 2**20:.0f} MiB of memory"
+        + (f", {need.num_gpus:g} GPU" if need.num_gpus else "")
+        + f"; the largest node has {most['CPU']:g} CPU, {most['memory'] / 2**20:.0f} MiB"
+        + (f", {most['GPU']:g} GPU" if need.num_gpus else "")
+        + " (plan with --max-ram for smaller tiles, or add nodes)"
+    )
+
+
 def _cause(e: BaseException) -> BaseException | None:
     """The StreamMergeError a Ray task raised, if that is what ``e`` wraps."""
     cause = getattr(e, "cause", None)
@@ -171,6 +188,7 @@ def run(
         slots = cluster.get("GPU", 0) if on_gpu else cluster.get("CPU", 1) // max(need.num_cpus, 1)
         parts = max(1, min(len(plan.shards), int(slots)))
     split.split(plan, parts)  # refuses a count the shards cannot make, before anything runs
+    _check_feasible(plan, need, ray.nodes())
     if plan.overwrite:  # the parts never remove an output; do it once, here, as a whole run would
         with output_lock(plan.out):
             for path in (plan.out, partial_path(plan.out)):

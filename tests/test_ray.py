@@ -110,3 +110,18 @@ def test_ray_options_that_do_not_go_together_are_refused(model: tuple[Path, Path
     r = run_cli("run", str(tmp_path / "plan.json"), "--part", "1/2", "--ray")
     assert r.exit_code == 2 and "--ray runs every part itself" in r.stderr
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_parts_no_node_can_run_are_refused_before_submitting(model: tuple[Path, Path, dict[str, str]], tmp_path: Path) -> None:
+    base, lora, _ = model
+    plan = streammerge.plan(str(base), [str(lora)], out=str(tmp_path / "out"))
+    need = rayrun.resources(plan, "cpu")
+    small = [
+        {"Alive": True, "Resources": {"CPU": 16.0, "memory": need.memory / 2}},
+        {"Alive": False, "Resources": {"CPU": 64.0, "memory": 1e12}},
+    ]
+    with pytest.raises(streammerge.StreamMergeError, match=r"no Ray node can run a part: .* the largest node has 16 CPU"):
+        rayrun._check_feasible(plan, need, small)
+    rayrun._check_feasible(plan, need, [{"Alive": True, "Resources": {"CPU": 2.0, "memory": float(need.memory)}}])
+    with pytest.raises(streammerge.StreamMergeError, match="1 GPU"):
+        rayrun._check_feasible(plan, rayrun.resources(plan, "cuda"), [{"Alive": True, "Resources": {"CPU": 2.0, "memory": 1e12}}])
