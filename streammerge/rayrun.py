@@ -242,7 +242,10 @@ def run(
     notes = list(plan.notes)
     for k, r in zip(sorted(results), reports, strict=True):
         notes += [f"part {k}/{parts}: {n}" if not n.startswith("part ") else n for n in r["notes"][len(plan.notes) :]]
-    notes.append(f"ran as {parts} Ray task{'s' if parts != 1 else ''} of {need.num_cpus:g} CPU, {need.memory / 2**20:.0f} MiB" + (", 1 GPU" if on_gpu else ""))
+    notes.append(
+        f"ran as {parts} Ray task{'s' if parts != 1 else ''} of {need.num_cpus:g} CPU, {need.memory / 2**20:.0f} MiB"
+        + (", 1 GPU" if on_gpu else "")
+    )
     return Report(
         out=plan.out,
         device=", ".join(sorted({r["device"] for r in reports})),
