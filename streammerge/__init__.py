@@ -11,6 +11,7 @@ Three steps, each its own module, with plain data between them::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,10 @@ def run(
     vram_budget: int | None = None,
     reads: str = "auto",
     part: tuple[int, int] | None = None,
+    engine: str = "local",
+    address: str | None = None,
+    parts: int | None = None,
+    pack_to: str | None = None,
 ) -> Report:
     """Execute a plan and return its :class:`~streammerge.execute.Report` (timings, bytes, peak RSS).
 
@@ -52,7 +57,38 @@ def run(
     plan (:mod:`streammerge.parts`: one of many processes or machines writing the same output). See
     :func:`streammerge.execute.run`. torch is imported here, not at ``import streammerge``, so
     planning stays fast and light.
+
+    ``engine="ray"`` runs the plan's parts as Ray tasks instead (:func:`streammerge.rayrun.run`:
+    ``parts`` of them, by default as many as the cluster fits; ``address`` for ``ray.init``), with the
+    same bytes as a run on one machine. ``pack_to`` also writes the output packed there
+    (:mod:`streammerge.pack`), compressed from the writer's stream on a whole run.
     """
+    if engine not in ("local", "ray"):
+        raise StreamMergeError(f"engine {engine!r}: expected 'local' or 'ray'")
+    if engine == "ray":
+        if part is not None:
+            raise StreamMergeError("engine='ray' runs every part itself; part=(k, n) is for one part run by hand")
+        from streammerge import rayrun
+
+        def on_ray(progress: Progress | None) -> Report:
+            report = rayrun.run(plan, address=address, parts=parts, progress=progress, device=device, vram_budget=vram_budget, reads=reads)
+            if pack_to is None:
+                return report
+            from streammerge.pack import pack
+
+            packed = pack(plan.out, pack_to, overwrite=plan.overwrite)  # parts: from the finished output
+            note = f"packed {packed.dest} after the merge: {packed.raw_bytes} -> {packed.packed_bytes} bytes ({packed.ratio:.3f}x)"
+            return dataclasses.replace(report, notes=(*report.notes, note))
+
+        if progress is True:
+            from streammerge.progress import ProgressBar
+
+            ray_bar = ProgressBar()
+            try:
+                return on_ray(ray_bar)
+            finally:
+                ray_bar.close()
+        return on_ray(progress or None)
     from streammerge.inputs import Reading
 
     if part is not None:
@@ -66,7 +102,9 @@ def run(
         reading.start()  # the first reads overlap the torch import below
         from streammerge.execute import run as _run
 
-        go = functools.partial(_run, plan, device=device, reading=reading, resume=resume, vram_budget=vram_budget, part=part)
+        go = functools.partial(
+            _run, plan, device=device, reading=reading, resume=resume, vram_budget=vram_budget, part=part, pack_to=pack_to
+        )
         if progress is True:
             from streammerge.progress import ProgressBar
 

@@ -290,6 +290,8 @@ def _execute(
     reads: str = "auto",
     as_json: bool = False,
     part: tuple[int, int] | None = None,
+    ray: tuple[str | None, int | None] | None = None,
+    pack_to: str | None = None,
 ) -> None:
     from streammerge import run
     from streammerge.execute import Report
@@ -303,7 +305,31 @@ def _execute(
     again = _resume_command() if part is None else "the same command"
     ctx.meta["streammerge.partial_hint"] = f"finished work (if any) is kept in {partial}; continue with: {again}"
     try:
-        report: Report = run(p, progress=not (quiet or as_json), device=device, resume=resume, vram_budget=budget, reads=reads, part=part)
+        if ray is not None:
+            if part is not None:
+                raise StreamMergeError("--ray runs every part itself; --part K/N is for one part run by hand")
+            report: Report = run(
+                p,
+                progress=not (quiet or as_json),
+                device=device,
+                vram_budget=budget,
+                reads=reads,
+                engine="ray",
+                address=ray[0],
+                parts=ray[1],
+                pack_to=pack_to,
+            )
+        else:
+            report = run(
+                p,
+                progress=not (quiet or as_json),
+                device=device,
+                resume=resume,
+                vram_budget=budget,
+                reads=reads,
+                part=part,
+                pack_to=pack_to,
+            )
     except KeyboardInterrupt:
         kept = os.path.isdir(partial)
         ctx.meta["streammerge.partial_hint"] = (
@@ -333,6 +359,36 @@ def _execute(
         )
 
 
+def _ray_options(f: Command) -> Command:
+    f = click.option(
+        "--parts",
+        "ray_parts",
+        type=click.IntRange(min=1),
+        default=None,
+        help="With --ray: how many parts (Ray tasks) to split the plan into (default: as many as the cluster fits, "
+        "at most one per output shard).",
+    )(f)
+    return click.option(
+        "--ray",
+        "ray_address",
+        is_flag=False,
+        flag_value="",
+        default=None,
+        metavar="[ADDRESS]",
+        help="Run the plan's parts as Ray tasks (pip install 'streammerge[ray]'): on the cluster at ADDRESS ('auto': the one "
+        "this node is in), else RAY_ADDRESS's or a local Ray. Inputs and OUT must be at the same paths on every node. "
+        "Put it after BASE and ADAPTERS (or write --ray=ADDRESS).",
+    )(f)
+
+
+def _ray_spec(address: str | None, count: int | None) -> tuple[str | None, int | None] | None:
+    if address is None:
+        if count is not None:
+            raise StreamMergeError("--parts is for --ray (one part by hand: streammerge run PLAN --part K/N)")
+        return None
+    return (address or None, count)
+
+
 @cli.command()
 @_plan_params
 @_read_option
@@ -350,9 +406,21 @@ def _execute(
     "--pack",
     "pack_after",
     is_flag=True,
-    help="Also pack the output into OUT.smpack when done (as `streammerge pack OUT`; a step after the merge, see README).",
+    help="Also write OUT.smpack (as `streammerge pack OUT` would), compressed from the merge's stream as the tiles are "
+    "written (a resumed or --ray run packs the finished output instead).",
 )
-def merge(reads: str, resume: bool, verify_after: bool, quiet: bool, as_json: bool, pack_after: bool, **spec: Any) -> None:
+@_ray_options
+def merge(
+    reads: str,
+    resume: bool,
+    verify_after: bool,
+    quiet: bool,
+    as_json: bool,
+    pack_after: bool,
+    ray_address: str | None,
+    ray_parts: int | None,
+    **spec: Any,
+) -> None:
     """Merge the LoRA ADAPTERS into the model in BASE and write a standalone model to OUT.
 
     \b
@@ -364,16 +432,12 @@ def merge(reads: str, resume: bool, verify_after: bool, quiet: bool, as_json: bo
     Several adapters: streammerge merge BASE A1 A2 -o OUT --weights 0.7,0.3 gives
     W + sum_i w_i s_i B_i @ A_i (one read and one write of the base, whatever their number).
     """
+    ray = _ray_spec(ray_address, ray_parts)
     p = _make_plan(**spec)
-    _execute(p, quiet, None, resume, spec["vram_budget"], reads, as_json)
+    pack_to = p.out.rstrip(os.sep) + ".smpack" if pack_after else None
+    _execute(p, quiet, None, resume, spec["vram_budget"], reads, as_json, ray=ray, pack_to=pack_to)
     if verify_after:
         _report_verify(p.out, None, 0, quiet=as_json)
-    if pack_after:
-        from streammerge.pack import pack
-
-        r = pack(p.out, overwrite=p.overwrite)
-        if not quiet:
-            click.echo(f"packed {r.dest}: {format_bytes(r.packed_bytes)} ({r.ratio:.3f}x) in {r.seconds:.1f} s", err=True)
 
 
 @cli.command("plan")
@@ -418,7 +482,18 @@ def plan_cmd(as_json: bool, save: str | None, all_changes: bool, **spec: Any) ->
     help="Run only part K of N (the plan split by output shard, balanced by bytes): many processes or machines write the "
     "same OUT.partial, each continues its own part when run again, and the last one assembles OUT.",
 )
-def run_cmd(plan_file: str, device: str | None, reads: str, resume: bool, overwrite: bool, quiet: bool, part_text: str | None) -> None:
+@_ray_options
+def run_cmd(
+    plan_file: str,
+    device: str | None,
+    reads: str,
+    resume: bool,
+    overwrite: bool,
+    quiet: bool,
+    part_text: str | None,
+    ray_address: str | None,
+    ray_parts: int | None,
+) -> None:
     """Execute a plan saved by `streammerge plan --save`. Inputs must be unchanged since.
 
     \b
@@ -432,7 +507,7 @@ def run_cmd(plan_file: str, device: str | None, reads: str, resume: bool, overwr
     p = Plan.load(plan_file)
     if overwrite:
         p = dataclasses.replace(p, overwrite=True)
-    _execute(p, quiet, device, resume, reads=reads, part=part)
+    _execute(p, quiet, device, resume, reads=reads, part=part, ray=_ray_spec(ray_address, ray_parts))
 
 
 @cli.command("finish")
@@ -453,7 +528,12 @@ def finish_cmd(plan_file: str) -> None:
 @cli.command("pack")
 @click.argument("src", type=click.Path())
 @click.option("-o", "--out", "dest", type=click.Path(), default=None, help="Packed folder to write (default: SRC.smpack).")
-@click.option("--level", default=1, show_default=True, help="zstd level (1-22): 19 packs ~10% smaller, ~10x slower.")
+@click.option(
+    "--level",
+    default=1,
+    show_default=True,
+    help="zstd level (1-22); on weights 1 packs smallest and fastest, higher levels find matches that cost more than they save.",
+)
 @click.option("--threads", default=None, type=int, help="Compressing threads (default: one per CPU).")
 @click.option("--chunk-size", default="16MiB", show_default=True, help="Raw bytes per compressed chunk (memory: about 2 x threads chunks).")
 @_overwrite_option

@@ -34,6 +34,7 @@ from streammerge.inputs.mapped import SourceFiles, Tiles
 from streammerge.journal import partial_path
 from streammerge.kernels import ACCUMULATE, TORCH_DTYPES, Factors, Workspace, combine_linear, merge_rows
 from streammerge.lock import output_lock, part_lock
+from streammerge.pack import PackReport, StreamPacker
 from streammerge.plan.layout import check_inputs_unchanged, check_output
 from streammerge.plan.model import LoraTerm, Plan, WorkUnit
 from streammerge.quantize import Dequantizer, FP8Requantizer, Requantizer
@@ -428,6 +429,7 @@ def run(
     vram_budget: int | None = None,
     reads: str = "auto",
     part: tuple[int, int] | None = None,
+    pack_to: str | None = None,
 ) -> Report:
     """Execute ``plan``: write the merged model to ``plan.out``, atomically.
 
@@ -442,6 +444,10 @@ def run(
     ``part=(k, n)`` runs only part k of n (:mod:`streammerge.parts`): its shards go into the shared
     ``OUT.partial``, continued from its own journal if it was interrupted (``resume`` is implied),
     and the output is assembled when this part completes the set. A finished part does nothing.
+
+    ``pack_to`` (``merge --pack``) also writes the output packed there (:mod:`streammerge.pack`):
+    compressed from the writer's stream as the tiles go to the disk, or, for a resumed run or a
+    part, packed from the finished output afterwards.
 
     Example::
 
@@ -462,6 +468,8 @@ def run(
             notes=(f"part {piece.label}: {plan.out} is already complete, nothing to do",),
         )
     check_inputs_unchanged(plan)  # on every worker of a split run, too
+    if pack_to is not None and os.path.lexists(pack_to) and not plan.overwrite:
+        raise OutputError(f"{pack_to}: already exists; pass --overwrite to replace it")
     dev, fallback = resolve_device(device or plan.device)
     cap = VramCap(plan, vram_budget) if dev.type == "cuda" else None
     writer = Writer(plan, resume=resume, part=piece)
@@ -476,6 +484,8 @@ def run(
             progress(done, total, current)
 
     queue: WriteQueue | None = None
+    packer: StreamPacker | None = None
+    packed: PackReport | None = None
     assembled = ""
     with contextlib.ExitStack() as stack:  # closed last to first, however the run ends
         # One run per output; then the output checks hold. Parts share it, each holding its own part's lock.
@@ -496,11 +506,14 @@ def run(
             writer.open()
             staged = _staged(dev)
             pool = pinned_buffer if staged and dev.type == "cuda" else None
-            queue = WriteQueue(writer, plan.write_buffers, out_tile_bytes(plan.units), allocate=pool)
+            resumed = len(writer.done)
+            if pack_to is not None and piece is None and not resumed:
+                packer = stream = StreamPacker(plan, pack_to, overwrite=plan.overwrite)
+                stack.callback(lambda: None if packed is not None else stream.abort())
+            queue = WriteQueue(writer, plan.write_buffers, out_tile_bytes(plan.units), allocate=pool, packer=packer)
             # On a GPU, up to two merged tiles may be on their way back while the next is staged.
             keep = max(1, min(2, plan.write_buffers - 1))
             sink: Sink = Staging(queue, dev, in_tile_bytes(plan.units), slots=STAGING_SLOTS, keep=keep) if staged else queue
-            resumed = len(writer.done)
             tiles = reading.tiles(files, [plan.units[i] for i in mine if i not in writer.done])
             consumed = 0
             with torch.inference_mode():
@@ -522,6 +535,8 @@ def run(
             writer.finish()
             if piece is not None:
                 assembled = _finish_parts(plan, piece)
+            if packer is not None:
+                packed = packer.finish(plan.out)
         except BaseException as e:
             error = _failure(plan, writer, queue, cap, current, e)
             if error is e:
@@ -532,6 +547,13 @@ def run(
         notes += (f"resumed: {resumed} of {len(mine)} units were already done",)
     if assembled:
         notes += (assembled,)
+    if pack_to is not None and packed is None and piece is None:
+        from streammerge.pack import pack
+
+        packed = pack(plan.out, pack_to, overwrite=plan.overwrite)  # a resumed run: from the finished output
+    if packed is not None:
+        how = "from the merge's stream" if packer is not None else "after the merge"
+        notes += (f"packed {packed.dest} {how}: {packed.raw_bytes} -> {packed.packed_bytes} bytes ({packed.ratio:.3f}x)",)
     return Report(
         out=plan.out,
         device=str(dev),

@@ -18,12 +18,16 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from streammerge.errors import OutputError, StreamMergeError
 from streammerge.geometry import ALIGN, COPY_FALLBACK_BYTES
 from streammerge.journal import Finished
 from streammerge.plan.model import WorkUnit
 from streammerge.write import Writer
+
+if TYPE_CHECKING:
+    from streammerge.pack import StreamPacker
 
 COMMIT_BYTES = int(os.environ.get("STREAMMERGE_COMMIT_BYTES", 256 * 2**20))
 """Finished units are journaled (after an fsync) once this many output bytes are pending and
@@ -93,8 +97,17 @@ class WriteQueue:
     default an anonymous mapping.
     """
 
-    def __init__(self, writer: Writer, buffers: int, buffer_bytes: int, allocate: Callable[[int], Buffer] | None = None) -> None:
+    def __init__(
+        self,
+        writer: Writer,
+        buffers: int,
+        buffer_bytes: int,
+        allocate: Callable[[int], Buffer] | None = None,
+        packer: StreamPacker | None = None,
+    ) -> None:
         self.writer = writer
+        self.packer = packer
+        """``merge --pack``: sees every byte written, in the writer's thread (see :class:`~streammerge.pack.StreamPacker`)."""
         self.buffer_bytes = buffer_bytes
         self._allocate = allocate or _anonymous_map
         self._free: queue.Queue[Buffer] = queue.Queue()
@@ -178,6 +191,8 @@ class WriteQueue:
                 crc = self._crc_pool.submit(zlib.crc32, view, crcs.get(job.tensor, 0))  # overlaps the write
                 try:
                     self.writer.write(job.shard, job.offset, view, aligned=aligned)
+                    if self.packer is not None:
+                        self.packer.add(job.shard, job.offset, view)
                 finally:
                     crcs[job.tensor] = crc.result()
             return
@@ -188,6 +203,10 @@ class WriteQueue:
                     raise OutputError(f"{self.writer.plan.shards[job.shard].file}: source ended early while copying")
                 self.writer.write(job.shard, job.offset + start, data)
         crcs[job.tensor] = self.writer.crc_of(job.shard, job.offset, job.nbytes)
+        if self.packer is not None:
+            self.packer.add_from_file(
+                job.shard, job.offset, os.path.join(self.writer.partial, self.writer.plan.shards[job.shard].file), job.nbytes
+            )
 
     def _flush_commits(self) -> None:
         """Hand the finished units to the journal thread: its fsync waits for the disk while writing goes on."""
