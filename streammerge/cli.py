@@ -32,7 +32,7 @@ _dtype_option = click.option(
     default="auto",
     show_default=True,
     help="Output dtype of floating tensors: bfloat16/bf16, float16/fp16, float32/fp32, or auto (each tensor keeps the "
-    "base's dtype; from a bitsandbytes base, its bnb_4bit_compute_dtype or model dtype; from an FP8 base, the model dtype).",
+    "base's dtype; from a bitsandbytes base, its bnb_4bit_compute_dtype or model dtype; from an FP8 or MXFP4 base, the model dtype).",
 )
 _shard_option = click.option(
     "--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 2GiB, 512MiB (one tensor never splits)."
