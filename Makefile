@@ -5,6 +5,11 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
+LLAMA_CPP_PY ?= 0.3.36
+CONVERTER := .cache/sdist/llama.cpp/convert_hf_to_gguf.py
+# The GGUF tests' oracle: llama.cpp's convert_hf_to_gguf.py (with its conversion/ and gguf-py/), from the
+# llama-cpp-python sdist that vendors it. Without network the tests that need it skip.
+
 .PHONY: demo test lint install clean
 
 $(STAMP): pyproject.toml
@@ -15,7 +20,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-install: $(STAMP)
+# The converter: the sdist's vendor/llama.cpp/{convert_hf_to_gguf.py,conversion,gguf-py} into .cache/sdist/llama.cpp.
+$(CONVERTER): | $(STAMP)
+	mkdir -p .cache/sdist/llama.cpp
+	( $(BIN)/python -m pip download --quiet --no-deps --no-binary llama-cpp-python "llama-cpp-python==$(LLAMA_CPP_PY)" -d .cache/sdist \
+	  && tar xzf .cache/sdist/llama_cpp_python-$(LLAMA_CPP_PY).tar.gz -C .cache/sdist/llama.cpp --strip-components=3 \
+	     llama_cpp_python-$(LLAMA_CPP_PY)/vendor/llama.cpp/convert_hf_to_gguf.py \
+	     llama_cpp_python-$(LLAMA_CPP_PY)/vendor/llama.cpp/conversion \
+	     llama_cpp_python-$(LLAMA_CPP_PY)/vendor/llama.cpp/gguf-py ) \
+	|| echo "llama.cpp's converter not fetched: the GGUF oracle tests will skip"
+
+install: $(STAMP) $(CONVERTER)
 
 demo: $(STAMP)
 	$(BIN)/streammerge demo
@@ -25,7 +40,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check streammerge tests bench
 	$(BIN)/mypy
 
-test: lint
+test: lint $(CONVERTER)
 	$(BIN)/python -m pytest -q
 
 clean:

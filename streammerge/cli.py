@@ -35,7 +35,36 @@ _dtype_option = click.option(
     "base's dtype; from a bitsandbytes base, its bnb_4bit_compute_dtype or model dtype; from an FP8 or MXFP4 base, the model dtype).",
 )
 _shard_option = click.option(
-    "--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 2GiB, 512MiB (one tensor never splits)."
+    "--max-shard-size",
+    default=None,
+    help="Largest output shard, e.g. 5GB, 2GiB, 512MiB (one tensor never splits). Default 5GB; GGUF output: one file "
+    "unless given, then STEM-00001-of-0000N.gguf files as llama.cpp's gguf-split writes them.",
+)
+_format_option = click.option(
+    "--format",
+    "format",
+    type=click.Choice(["auto", "safetensors", "gguf"]),
+    default="auto",
+    show_default=True,
+    help="auto: GGUF when OUT ends in .gguf, else a safetensors model folder. GGUF output is the file OUT as llama.cpp's "
+    "convert_hf_to_gguf.py would convert the merged model (Llama, Mistral, Qwen2, Qwen3, Gemma 1/2/3 text), for llama.cpp, "
+    "Ollama, LM Studio.",
+)
+_outtype_option = click.option(
+    "--outtype",
+    type=click.Choice(["auto", "bf16", "f16", "q8_0", "f32"]),
+    default="auto",
+    show_default=True,
+    help="GGUF tensor type of the weights (norms, biases and 1-D tensors stay f32; q8_0 falls back to f16 for rows not a "
+    "multiple of 32, as the converter does). auto: bf16 for a bfloat16 model, else f16 (the converter's --outtype auto).",
+)
+_gguf_pre_option = click.option(
+    "--gguf-pre",
+    default=None,
+    metavar="NAME",
+    help="GGUF, tokenizer.json (BPE) vocabularies: llama.cpp's pre-tokenizer name to write as tokenizer.ggml.pre "
+    "(e.g. llama-bpe for Llama 3, qwen2 for Qwen2/3: what convert_hf_to_gguf.py prints for this tokenizer). Required "
+    "for BPE vocabularies; sentencepiece ones (tokenizer.model) need none.",
 )
 _tile_option = click.option(
     "--tile-size",
@@ -95,7 +124,13 @@ _resume_option = click.option(
     "--resume", is_flag=True, help="Continue an interrupted run of the same command from OUT.partial (only unfinished tensors are redone)."
 )
 _quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-_out_option = click.option("-o", "--out", required=True, type=click.Path(), help="Output folder (written atomically; must not exist).")
+_out_option = click.option(
+    "-o",
+    "--out",
+    required=True,
+    type=click.Path(),
+    help="Output folder (written atomically; must not exist), or a .gguf file for GGUF output (see --format).",
+)
 _overwrite_option = click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 _PLAN_PARAMS = (
     click.argument("base", type=click.Path()),
@@ -111,6 +146,9 @@ _PLAN_PARAMS = (
     _max_ram_option,
     _vram_option,
     _overwrite_option,
+    _format_option,
+    _outtype_option,
+    _gguf_pre_option,
 )
 """What makes a plan: the arguments and options `merge` and `plan` share, in --help order."""
 
@@ -195,7 +233,7 @@ def _make_plan(
     adapters: tuple[str, ...],
     out: str,
     dtype: str,
-    max_shard_size: str,
+    max_shard_size: str | None,
     tile_size: str,
     device: str,
     overwrite: bool,
@@ -204,6 +242,9 @@ def _make_plan(
     combination: str,
     max_ram: str | None,
     vram_budget: str | None,
+    format: str = "auto",
+    outtype: str = "auto",
+    gguf_pre: str | None = None,
 ) -> Plan:
     """The plan a `merge` or `plan` command line describes (:data:`_PLAN_PARAMS`, by name)."""
     return make_plan(
@@ -220,7 +261,17 @@ def _make_plan(
         combination=combination,
         max_ram=max_ram,
         vram_budget=vram_budget,
+        format=format,
+        outtype=outtype,
+        gguf_pre=gguf_pre,
     )
+
+
+def _output_kind(p: Plan) -> str:
+    if p.format == "gguf":
+        types = sorted({u.out_dtype for u in p.units})
+        return f"GGUF, tensors {'/'.join(types)}, merged in the model dtype"
+    return f"dtype {p.dtype}, {p.mode}"
 
 
 def _resume_command() -> str:
@@ -241,7 +292,7 @@ def _describe_plan(p: Plan, full: bool = False) -> list[tuple[str, str]]:
             ("adapter", f"{a}  ({', '.join(f)}{f'; weight {w:g}' if len(p.adapters) > 1 else ''})")
             for a, f, w in zip(p.adapters, p.flavours, p.weights, strict=True)
         ],
-        ("output", f"{p.out}  ({len(p.shards)} shard{'s' if len(p.shards) != 1 else ''}, dtype {p.dtype}, {p.mode})"),
+        ("output", f"{p.out}  ({len(p.shards)} shard{'s' if len(p.shards) != 1 else ''}, {_output_kind(p)})"),
         (
             "work",
             "  ".join(f"{op} {e.units.get(op, 0)}" for op in ("merge", "dequant", "cast", "copy") if op in e.units or op != "dequant"),
@@ -434,6 +485,8 @@ def merge(
     """
     ray = _ray_spec(ray_address, ray_parts)
     p = _make_plan(**spec)
+    if p.format == "gguf" and (pack_after or verify_after):
+        raise StreamMergeError("--pack and --verify are for safetensors output; a GGUF file is checked by loading it in llama.cpp")
     pack_to = p.out.rstrip(os.sep) + ".smpack" if pack_after else None
     _execute(p, quiet, None, resume, spec["vram_budget"], reads, as_json, ray=ray, pack_to=pack_to)
     if verify_after:

@@ -32,9 +32,10 @@ from streammerge.geometry import ALIGN, STAGING_SLOTS, aligned_start, in_tile_by
 from streammerge.inputs import Reading
 from streammerge.inputs.mapped import SourceFiles, Tiles
 from streammerge.journal import partial_path
-from streammerge.kernels import ACCUMULATE, TORCH_DTYPES, Factors, Workspace, combine_linear, merge_rows
+from streammerge.kernels import ACCUMULATE, TORCH_DTYPES, Factors, Workspace, combine_linear, gguf_rows, merge_rows
 from streammerge.lock import output_lock, part_lock
 from streammerge.pack import PackReport, StreamPacker
+from streammerge.plan.gguf import check_gguf_output
 from streammerge.plan.layout import check_inputs_unchanged, check_output
 from streammerge.plan.model import LoraTerm, Plan, WorkUnit
 from streammerge.quantize import Dequantizer, FP8Requantizer, Requantizer
@@ -307,8 +308,29 @@ def _requant_tile(run: _UnitRun, row0: int, n: int) -> int:
     return packed.numel()
 
 
+def _gguf_tile(run: _UnitRun, row0: int, n: int) -> int:
+    """GGUF output: merged in the model dtype (the safetensors merge's bytes), then converted on the CPU
+    as llama.cpp's converter converts a tensor (:func:`streammerge.kernels.gguf_rows`)."""
+    unit = run.unit
+    spec = unit.gguf
+    assert spec is not None
+    merged = run.work.get("gguf", TORCH_DTYPES[spec.merge_dtype], (n, unit.row_elems))
+    run.compute(run.load(row0, n, "", DEQUANT_THREADS if run.work.device.type == "cpu" else None), row0, run.acc, merged)
+    data = gguf_rows(merged.cpu(), spec.qtype, spec.work_dtype, spec.head_rows, spec.shift)
+    if len(data) != n * spec.row_bytes:
+        raise AssertionError(f"{unit.name}: {len(data)} GGUF bytes for {n} rows, planned {n * spec.row_bytes}")
+    buffer = run.out.acquire()
+    at = unit.offset + row0 * spec.row_bytes
+    start = aligned_start(at)
+    memoryview(buffer)[start : start + len(data)] = data
+    run.out.write(unit.shard, at, unit.name, buffer, len(data), start)
+    return len(data)
+
+
 def _tile_step(run: _UnitRun, helper: concurrent.futures.ThreadPoolExecutor | None) -> TileStep:
     """The one per-tile function of this unit's path."""
+    if run.unit.gguf is not None:
+        return _gguf_tile
     if run.requant is not None:
         return _requant_tile
     if run.stage is not None:
@@ -493,6 +515,8 @@ def run(
         if piece is not None:
             stack.enter_context(part_lock(plan.out, piece.label))
         check_output(plan.out, [plan.base, *plan.adapters], plan.overwrite)
+        if plan.format == "gguf":
+            check_gguf_output(plan.out, [s.file for s in plan.shards], plan.overwrite)
         preflight.check(plan, None if piece is None else piece.shards)
         if reading is None:
             reading = Reading(plan if piece is None else parts.sub_plan(plan, piece), reads, resume or piece is not None)

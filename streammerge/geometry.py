@@ -59,7 +59,12 @@ def tile_ranges(units: Sequence[WorkUnit]) -> list[Range]:
 
 def out_tile_bytes(units: Sequence[WorkUnit]) -> int:
     """Size of one output tile buffer: the largest output tile of any computed unit."""
-    return max((u.tile_rows * u.row_elems * DTYPE_SIZES[u.out_dtype] for u in units if u.op != "copy"), default=0)
+    return max((u.tile_rows * out_row_bytes(u) for u in units if u.op != "copy"), default=0)
+
+
+def out_row_bytes(unit: WorkUnit) -> int:
+    """Bytes of one output row of a computed unit (GGUF: in its GGUF type, e.g. 34 per 32 Q8_0 elements)."""
+    return unit.gguf.row_bytes if unit.gguf is not None else unit.row_elems * DTYPE_SIZES[unit.out_dtype]
 
 
 def in_tile_bytes(units: Sequence[WorkUnit]) -> int:

@@ -348,3 +348,31 @@ def as_bytes(t: torch.Tensor) -> memoryview:
     flat = t.contiguous().reshape(-1)
     array = flat.view(torch.uint8).numpy()
     return memoryview(array.data).cast("B")
+
+
+def gguf_rows(merged: torch.Tensor, qtype: str, work_dtype: str = "F32", head_rows: int = 0, shift: float = 0.0) -> bytes:
+    """Merged rows (the model dtype, on the CPU) as GGUF bytes, converted as llama.cpp's
+    convert_hf_to_gguf.py converts a checkpoint tensor: to float32 (a float16 model stays float16),
+    q/k rows of each head from HF's rotate-half halves back to interleaved pairs (Llama's
+    ``permute``) when ``head_rows`` (rows per head) is set, ``shift`` added (Gemma norms), then
+    ``gguf.quants.quantize`` to ``qtype`` (F32, F16, BF16, Q8_0).
+
+    The rows must hold whole heads; each output row depends on its own input row only otherwise,
+    so tiles convert independently.
+
+    Example::
+
+        >>> import numpy as np
+        >>> x = torch.arange(8, dtype=torch.bfloat16).view(4, 2)
+        >>> np.frombuffer(gguf_rows(x, "F32", head_rows=4), dtype=np.float32).reshape(4, 2)[:, 0].tolist()
+        [0.0, 4.0, 2.0, 6.0]
+    """
+    import gguf
+
+    x = merged.to(torch.float16 if work_dtype == "F16" else torch.float32)
+    if head_rows:
+        k = x.shape[0]
+        x = x.reshape(k // head_rows, 2, head_rows // 2, -1).transpose(1, 2).reshape(k, -1)
+    if shift:
+        x = x + shift
+    return bytes(gguf.quants.quantize(x.numpy(), gguf.GGMLQuantizationType[qtype]).tobytes())

@@ -374,7 +374,10 @@ class Writer:
 def assemble(plan: Plan, partial: str, crcs: dict[str, int], bookkeeping: list[str]) -> None:
     """Finish an output whose shards are all written and fsynced in ``partial``: copy the tokenizer and
     other files, write config, index and the manifest (``crcs``: every tensor's CRC-32), rename the
-    folder to ``plan.out``, and only then remove the ``bookkeeping`` files from it."""
+    folder to ``plan.out``, and only then remove the ``bookkeeping`` files from it. GGUF output: see :func:`_assemble_gguf`."""
+    if plan.format == "gguf":
+        _assemble_gguf(plan, partial)
+        return
     try:
         for shard in plan.shards:  # written by this process or, for parts, by others: durable before the rename
             fd = os.open(os.path.join(partial, shard.file), os.O_RDONLY | CLOEXEC)
@@ -397,6 +400,34 @@ def assemble(plan: Plan, partial: str, crcs: dict[str, int], bookkeeping: list[s
         for name in bookkeeping:
             remove(os.path.join(plan.out, name))
         fsync_dir(plan.out)
+    except OSError as e:
+        hint = " (disk full)" if e.errno == errno.ENOSPC else ""
+        raise OutputError(f"{getattr(e, 'filename', None) or partial}: cannot write{hint}: {e.strerror or e}") from e
+
+
+def _assemble_gguf(plan: Plan, partial: str) -> None:
+    """Finish GGUF output: the fsynced files are renamed from ``partial`` to beside ``plan.out``, the
+    first file (the one llama.cpp opens, which names the others) last, so a complete-looking model
+    appears only once all of it is in place; then the partial folder (plan, journal) is removed.
+    No config, tokenizer or manifest is written: the GGUF file holds the metadata."""
+    folder = os.path.dirname(plan.out) or "."
+    try:
+        for shard in plan.shards:
+            fd = os.open(os.path.join(partial, shard.file), os.O_RDONLY | CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _kill_point("manifest-written")
+        for shard in reversed(plan.shards):
+            dest = os.path.join(folder, shard.file)
+            if os.path.lexists(dest) and not plan.overwrite:
+                raise OutputError(f"{dest}: appeared while merging; output kept in {partial}")
+            os.replace(os.path.join(partial, shard.file), dest)
+        fsync_dir(folder)
+        _kill_point("renamed")
+        remove(partial)
+        fsync_dir(folder)
     except OSError as e:
         hint = " (disk full)" if e.errno == errno.ENOSPC else ""
         raise OutputError(f"{getattr(e, 'filename', None) or partial}: cannot write{hint}: {e.strerror or e}") from e

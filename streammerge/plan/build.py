@@ -25,6 +25,7 @@ from streammerge.formats.safetensors import TensorInfo
 from streammerge.geometry import WRITE_BUFFERS
 from streammerge.hub import resolve
 from streammerge.plan.estimate import estimate_run
+from streammerge.plan.gguf import OUTTYPE_CHOICES, GGUFOptions, check_gguf_output, gguf_layout
 from streammerge.plan.layout import adapter_files, check_output, files_to_copy, fingerprints, layout_shards, make_unit, output_config
 from streammerge.plan.mapping import BaseUpdate, adapter_tensors, map_updates
 from streammerge.plan.model import MODES, PLAN_VERSION, Plan, Shard, WorkUnit
@@ -62,7 +63,7 @@ def plan(
     out: str | os.PathLike[str],
     *,
     dtype: str = "auto",
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
+    max_shard_size: int | str | None = None,
     tile_size: int | str = DEFAULT_TILE_BYTES,
     device: str = "auto",
     overwrite: bool = False,
@@ -71,6 +72,9 @@ def plan(
     combination: str = "cat",
     max_ram: int | str | None = None,
     vram_budget: int | str | None = None,
+    format: str = "auto",
+    outtype: str = "auto",
+    gguf_pre: str | None = None,
 ) -> Plan:
     """Plan merging LoRA ``adapters`` into the safetensors model ``base``, writing to ``out``.
 
@@ -83,6 +87,12 @@ def plan(
     ``max_ram`` / ``vram_budget`` shrink the tiles until the estimate fits, or refuse with
     :class:`BudgetTooSmall` when even the smallest tiles do not.
 
+    ``format`` "gguf" (or "auto" with an ``out`` ending in ``.gguf``) writes the file ``out`` as
+    llama.cpp's convert_hf_to_gguf.py would convert the merged model: ``outtype`` bf16, f16, q8_0,
+    f32 or auto; ``gguf_pre`` names the pre-tokenizer of a tokenizer.json BPE vocabulary;
+    ``max_shard_size`` (default: one file) splits it as gguf-split does. ``max_shard_size`` for
+    safetensors defaults to 5GB.
+
     Example::
 
         p = streammerge.plan("./base", ["./my-lora"], out="./merged", dtype="bfloat16")
@@ -90,7 +100,9 @@ def plan(
         p.save("plan.json")
     """
     out_dtype = parse_dtype(dtype)
-    max_shard_bytes = parse_size(max_shard_size, "max shard size")
+    as_gguf = _wants_gguf(format, out, mode, out_dtype, outtype, gguf_pre)
+    default_shard = 0 if as_gguf else DEFAULT_MAX_SHARD_BYTES
+    max_shard_bytes = default_shard if max_shard_size is None else parse_size(max_shard_size, "max shard size")
     tile_bytes = parse_size(tile_size, "tile size")
     if device not in ("auto", "cpu", "cuda"):
         raise StreamMergeError(f"device must be auto, cpu or cuda, not {device!r}")
@@ -178,7 +190,15 @@ def plan(
                 update = updates.by_name.get(t.name, BaseUpdate())
                 specs.append(make_unit(t, update, out_dtype, tile, quantized.get(t.name), requant.get(t.name), combination))
                 specs += [make_unit(a, BaseUpdate(), "auto", tile) for a in kept_activation_scales(t)]
+        if as_gguf:
+            placed, gguf_shards, gguf_notes[:] = gguf_layout(
+                specs, ckpt.config, GGUFOptions(outtype, gguf_pre), out_path, max_shard_bytes, tile, ckpt.root,
+                [a.root for a in opened],
+            )  # fmt: skip
+            return placed, gguf_shards
         return layout_shards(specs, max_shard_bytes)
+
+    gguf_notes: list[str] = []
 
     if mode == "lora":
         copy_files, config = adapter_files(opened[0].root), None
@@ -230,6 +250,10 @@ def plan(
             )
             notes.append(f"{len(untouched)} {kind}, bit for bit")
     inputs = fingerprints(ckpt, opened, copy_files)
+    if as_gguf:  # the tokenizer files are inputs of the header (fingerprinted), not copied
+        check_gguf_output(out_path, [s.file for s in shards], overwrite)
+        notes += gguf_notes
+        copy_files, config = [], None
     return Plan(
         version=PLAN_VERSION,
         base=ckpt.root,
@@ -252,7 +276,27 @@ def plan(
         estimate=estimate,
         notes=tuple(notes),
         changes=updates.changes,
+        format="gguf" if as_gguf else "safetensors",
     )
+
+
+def _wants_gguf(format: str, out: str | os.PathLike[str], mode: str, out_dtype: str, outtype: str, pre: str | None) -> bool:
+    """Whether the output is GGUF (``--format gguf``, or a ``.gguf`` output with the default ``--format auto``);
+    refuses GGUF options for safetensors output and options GGUF output cannot honour."""
+    if format not in ("auto", "safetensors", "gguf"):
+        raise StreamMergeError(f"format must be auto, safetensors or gguf, not {format!r}")
+    as_gguf = format == "gguf" or (format == "auto" and os.fspath(out).endswith(".gguf"))
+    if not as_gguf:
+        if outtype != "auto" or pre:
+            raise StreamMergeError("--outtype and --gguf-pre are for GGUF output (-o MODEL.gguf or --format gguf)")
+        return False
+    if mode != "merged_16bit":
+        raise StreamMergeError(f"GGUF output is converted from the 16-bit merge; --mode {mode} is for safetensors output")
+    if out_dtype != "auto":
+        raise StreamMergeError("GGUF output merges in the model's dtype and converts as --outtype says; drop --dtype")
+    if outtype not in OUTTYPE_CHOICES:
+        raise StreamMergeError(f"outtype must be one of {', '.join(OUTTYPE_CHOICES)}, not {outtype!r}")
+    return True
 
 
 def _open_base(base: str, adapters: list[str]) -> Checkpoint:

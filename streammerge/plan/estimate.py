@@ -65,6 +65,10 @@ packed codes and temporaries."""
 FP8_REQUANT_ELEM_BYTES = 4 + 4 + 1 + 1 + 2
 """Per element of a tile re-quantized to FP8: the merged tile in float32, the float32 scaled copy
 (padded to whole blocks at the edges), the codes and their CPU copy, slack for the block reductions."""
+GGUF_ELEM_BYTES = 4 + 4 + 4 + 12
+"""GGUF output, per element of a tile: the float32 (or float16) copy, the un-permuted copy, the shifted
+copy, and ``gguf.quants``' numpy temporaries (bf16 rounding goes through uint32 and uint64 arrays;
+Q8_0 scales and rounds in float32)."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,8 @@ def unit_cost(u: WorkUnit) -> UnitCost:
         per_row = u.row_elems * (DTYPE_SIZES.get(u.source.dtype, 1) + out_size)
         if u.source.dtype != u.base_dtype:
             per_row += u.row_elems * DTYPE_SIZES[u.base_dtype]  # the source rounded to the base's dtype
+    if u.gguf is not None:  # the merged row in the model dtype, then the converter's float copies and quantizer temporaries
+        per_row += u.gguf.row_bytes - u.row_elems * out_size + u.row_elems * (DTYPE_SIZES[u.gguf.merge_dtype] + GGUF_ELEM_BYTES)
     fixed = sum(_factor_bytes(t) for t in u.lora)
     if u.combination == "linear":  # the weighted sums of the A's and of the B's, and their temporaries
         fixed += 3 * sum(math.prod(t.a.shape) + math.prod(t.b.shape) for t in u.lora) * ACC_SIZE

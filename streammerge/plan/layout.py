@@ -84,7 +84,7 @@ def size_tiles(unit: WorkUnit, tile_bytes: int) -> WorkUnit:
     # FP8 tiles hold whole block rows: needed to re-quantize (a block's amax), kept for dequantizing but
     # where one scale covers all rows (per tensor), whose tiles may start anywhere.
     dequant_step = unit.quant.row_step if unit.quant and unit.quant.row_step < rows else 1
-    step = math.lcm(dequant_step, unit.requant.row_step if unit.requant else 1)
+    step = math.lcm(dequant_step, unit.requant.row_step if unit.requant else 1, unit.gguf.row_step if unit.gguf else 1)
     if step > 1:
         tile_rows = min(rows, max(step, tile_rows - tile_rows % step))
     chunk_rows = max(1, min(tile_rows, ACC_CHUNK_BYTES // max(1, row_elems * ACC_SIZE))) if unit.op == "merge" else tile_rows

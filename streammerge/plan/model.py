@@ -8,6 +8,7 @@ executor and the writer make no layout decisions: they read these records.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import math
@@ -206,6 +207,32 @@ class RequantSpec:
 
 
 @dataclass(frozen=True)
+class GGUFSpec:
+    """How a merged tensor becomes a GGUF tensor, as llama.cpp's convert_hf_to_gguf.py converts it:
+    the merged rows (in :attr:`merge_dtype`, exactly the safetensors output) in :attr:`work_dtype`,
+    q/k rows un-permuted per head, :attr:`shift` added (Gemma norms), then quantized by
+    ``gguf.quants.quantize`` to :attr:`qtype` row by row."""
+
+    qtype: str
+    """The GGUF tensor type: F32, F16, BF16 or Q8_0."""
+    merge_dtype: str
+    work_dtype: str
+    """F16 for a float16 model, else F32 (the converter computes in these)."""
+    row_bytes: int
+    """Bytes of one output row of :attr:`WorkUnit.row_elems` elements in :attr:`qtype`."""
+    head_rows: int = 0
+    """Llama q/k: rows of one head, reordered from HF's rotate-half halves to interleaved pairs; 0: none."""
+    shift: float = 0.0
+    hf_name: str = ""
+    """The checkpoint's name of the tensor (the unit's name is the GGUF one)."""
+
+    @property
+    def row_step(self) -> int:
+        """Tiles hold whole heads (the un-permutation moves rows within one head)."""
+        return self.head_rows or 1
+
+
+@dataclass(frozen=True)
 class WorkUnit:
     """One output tensor: its source, what to do, and exactly where its bytes go.
 
@@ -248,6 +275,8 @@ class WorkUnit:
     offset: int = -1
     nbytes: int = -1
     """Index into :attr:`Plan.shards`, absolute offset in that file and length of the main tensor."""
+    gguf: GGUFSpec | None = None
+    """GGUF output: how the merged rows become the GGUF tensor (``out_dtype`` is then its GGUF type)."""
 
     def outputs(self) -> list[OutputTensor]:
         """Every tensor the unit writes, in file order: the main one, then its statistics."""
@@ -276,7 +305,9 @@ class WorkUnit:
 class Shard:
     file: str
     header: str
-    """The complete header as written: 8-byte length prefix as 16 hex digits, then the JSON text."""
+    """The complete header as written: 8-byte length prefix as 16 hex digits, then the JSON text.
+    GGUF: ``base64:`` and every byte before the first unit's tensor (header, metadata, tensor infos,
+    padding, and tensors computed at plan time such as ``rope_freqs.weight``)."""
     size: int
     tensors: tuple[str, ...]
 
@@ -341,6 +372,8 @@ class Plan:
     notes: tuple[str, ...] = field(default=())
     changes: tuple[Change, ...] = field(default=())
     """Per adapter module (LoRA pairs only), the base tensors it changes."""
+    format: str = "safetensors"
+    """"safetensors" (``out`` is a model folder) or "gguf" (``out`` is the .gguf file; split files beside it)."""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
@@ -368,8 +401,13 @@ class Plan:
         return {"metadata": {"total_size": total, "total_parameters": params}, "weight_map": weight_map}
 
 
+GGUF_HEADER_PREFIX = "base64:"
+
+
 def shard_header_bytes(shard: Shard) -> bytes:
     """Decode :attr:`Shard.header` back into the bytes written at the start of the shard file."""
+    if shard.header.startswith(GGUF_HEADER_PREFIX):
+        return base64.b64decode(shard.header[len(GGUF_HEADER_PREFIX) :])
     return bytes.fromhex(shard.header[:16]) + shard.header[16:].encode("ascii")
 
 
@@ -414,6 +452,7 @@ def plan_from_dict(obj: Any, where: str = "plan") -> Plan:
                     "extra": tuple(OutputSlot(**{**x, "shape": _tuple(x["shape"])}) for x in u.get("extra", ())),
                     "magnitude": None if u.get("magnitude") is None else src(u["magnitude"]),
                     "adds": tuple(AddTerm(source=src(a["source"]), scale=a["scale"]) for a in u.get("adds", ())),
+                    "gguf": None if u.get("gguf") is None else GGUFSpec(**u["gguf"]),
                 }
             )
             for u in obj["units"]
