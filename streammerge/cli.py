@@ -428,8 +428,26 @@ def _ray_options(f: Command) -> Command:
         metavar="[ADDRESS]",
         help="Run the plan's parts as Ray tasks (pip install 'streammerge[ray]'): on the cluster at ADDRESS ('auto': the one "
         "this node is in), else RAY_ADDRESS's or a local Ray. Inputs and OUT must be at the same paths on every node. "
-        "Put it after BASE and ADAPTERS (or write --ray=ADDRESS).",
+        "A bare --ray takes the next word as ADDRESS unless that word is an existing path (write --ray=ADDRESS to be sure).",
     )(f)
+
+
+class _RayCommand(click.Command):
+    """A command with ``--ray [ADDRESS]``: a bare ``--ray`` followed by an existing path (BASE, an adapter,
+    the plan) is read as ``--ray`` with no address, so ``merge --ray BASE ADAPTER -o OUT`` works."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, _bare_ray(args))
+
+
+def _bare_ray(args: list[str]) -> list[str]:
+    out = list(args)
+    for i, word in enumerate(out[:-1]):
+        if word == "--":
+            break
+        if word == "--ray" and os.path.exists(out[i + 1]):
+            out[i] = "--ray="
+    return out
 
 
 def _ray_spec(address: str | None, count: int | None) -> tuple[str | None, int | None] | None:
@@ -440,7 +458,7 @@ def _ray_spec(address: str | None, count: int | None) -> tuple[str | None, int |
     return (address or None, count)
 
 
-@cli.command()
+@cli.command(cls=_RayCommand)
 @_plan_params
 @_read_option
 @_resume_option
@@ -520,7 +538,7 @@ def plan_cmd(as_json: bool, save: str | None, all_changes: bool, **spec: Any) ->
             click.echo(f"plan saved to {save}; run it with: streammerge run {save}")
 
 
-@cli.command("run")
+@cli.command("run", cls=_RayCommand)
 @click.argument("plan_file", type=click.Path())
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Override the plan's device.")
 @_read_option

@@ -765,10 +765,11 @@ def test_random_truncation_of_real_file(tmp_path: Path, data: st.DataObject) -> 
 
 
 def test_mutation_strategy_reaches_both_outcomes(tmp_path: Path) -> None:
-    """Guard against a fuzzer that only ever produces garbage: both outcomes must be common."""
+    """Guard against a fuzzer that only ever produces garbage: both outcomes must be common (derandomized:
+    the same 150 examples every run, so the counts do not flake)."""
     outcomes: dict[str, int] = {}
 
-    @settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=150, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
     @given(blob=mutated_files())
     def run(blob: bytes) -> None:
         path = tmp_path / "m.safetensors"

@@ -64,7 +64,7 @@ def test_a_part_whose_worker_dies_is_retried_and_the_bytes_are_a_single_runs(
 def test_merge_with_ray_and_engine_ray(local_ray: None, model: tuple[Path, Path, dict[str, str]], tmp_path: Path) -> None:
     base, lora, reference = model
     out = tmp_path / "cli"
-    r = run_cli("merge", str(base), str(lora), "-o", str(out), "--max-shard-size", SHARD, "--parts", "2", "--pack", "--ray")
+    r = run_cli("merge", "--ray", str(base), str(lora), "-o", str(out), "--max-shard-size", SHARD, "--parts", "2", "--pack")
     assert r.exit_code == 0, r.stderr
     assert digest(out) == reference and "ran as 2 Ray tasks" in r.stderr and "wrote" in r.stderr
     assert "after the merge" in r.stderr  # parts: packed from the finished output
@@ -108,6 +108,8 @@ def test_ray_options_that_do_not_go_together_are_refused(model: tuple[Path, Path
     r = run_cli("plan", str(base), str(lora), "-o", str(tmp_path / "o"), "--save", str(tmp_path / "plan.json"))
     assert r.exit_code == 0, r.stderr
     r = run_cli("run", str(tmp_path / "plan.json"), "--part", "1/2", "--ray")
+    assert r.exit_code == 2 and "--ray runs every part itself" in r.stderr
+    r = run_cli("run", "--ray", str(tmp_path / "plan.json"), "--part", "1/2")  # an existing path is not an ADDRESS
     assert r.exit_code == 2 and "--ray runs every part itself" in r.stderr
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
 
