@@ -503,8 +503,8 @@ def merge(
     """
     ray = _ray_spec(ray_address, ray_parts)
     p = _make_plan(**spec)
-    if p.format == "gguf" and (pack_after or verify_after):
-        raise StreamMergeError("--pack and --verify are for safetensors output; a GGUF file is checked by loading it in llama.cpp")
+    if p.format == "gguf" and (pack_after or verify_after or ray is not None):
+        raise StreamMergeError("--pack, --verify and --ray are for safetensors output; a GGUF file is checked by loading it in llama.cpp")
     pack_to = p.out.rstrip(os.sep) + ".smpack" if pack_after else None
     _execute(p, quiet, None, resume, spec["vram_budget"], reads, as_json, ray=ray, pack_to=pack_to)
     if verify_after:
@@ -576,6 +576,8 @@ def run_cmd(
 
     part = None if part_text is None else parts.parse(part_text)
     p = Plan.load(plan_file)
+    if p.format == "gguf" and (part is not None or ray_address is not None):
+        raise StreamMergeError(f"{plan_file}: a GGUF plan runs whole (--part and --ray are for safetensors output)")
     if overwrite:
         p = dataclasses.replace(p, overwrite=True)
     _execute(p, quiet, device, resume, reads=reads, part=part, ray=_ray_spec(ray_address, ray_parts))

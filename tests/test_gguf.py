@@ -278,6 +278,12 @@ def test_refusals(tmp_path: Path) -> None:
         assert r.exit_code == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, (extra, r.stderr)
     r = run_cli("merge", str(base), str(lora), "-o", str(tmp_path / "folder"), "--outtype", "q8_0")
     assert r.exit_code == 2 and "--outtype and --gguf-pre are for GGUF output" in r.stderr
+    for name, junk in (("tokenizer.json", "{not json"), ("tokenizer_config.json", "[1, 2]")):
+        broken = tmp_path / f"broken-{name}"
+        shutil.copytree(base, broken)
+        (broken / name).write_text(junk)
+        r = run_cli("merge", str(broken), str(lora), "-o", out, "--gguf-pre", PRE)
+        assert r.exit_code == 2 and "tokenizer" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     (tmp_path / "x.gguf").write_bytes(b"keep")
     r = run_cli("merge", str(base), str(lora), "-o", out, "--gguf-pre", PRE)
     assert r.exit_code == 2 and "already exists" in r.stderr and (tmp_path / "x.gguf").read_bytes() == b"keep"

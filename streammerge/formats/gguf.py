@@ -235,9 +235,17 @@ def add_metadata(
     if meta.size_label is None and total > 0:
         meta.size_label = gguf.size_label(total, shared, expert, count)
     meta.set_gguf_meta_model(w)
-    _PARAMS[family.arch](w, h, ftype)
+    try:
+        _PARAMS[family.arch](w, h, ftype)
+    except (KeyError, TypeError, ValueError) as e:
+        raise BadCheckpoint(f"{card_dir}/config.json: {arch} needs {e} for its GGUF hyperparameters (missing or malformed)") from e
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _VOCABS[family.arch](w, h, Path(tokenizer_dir), pre)
+    try:
+        _VOCABS[family.arch](w, h, Path(tokenizer_dir), pre)
+    except StreamMergeError:
+        raise
+    except Exception as e:  # a tokenizer library's own error on a malformed file: one line naming the folder
+        raise BadCheckpoint(f"{tokenizer_dir}: cannot read the tokenizer for GGUF ({type(e).__name__}: {e})") from e
 
 
 def _text_params(w: gguf.GGUFWriter, h: dict[str, Any], ftype: gguf.LlamaFileType) -> None:
