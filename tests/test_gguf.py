@@ -288,3 +288,31 @@ def test_refusals(tmp_path: Path) -> None:
     r = run_cli("merge", str(base), str(lora), "-o", out, "--gguf-pre", PRE)
     assert r.exit_code == 2 and "already exists" in r.stderr and (tmp_path / "x.gguf").read_bytes() == b"keep"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")) == []
+
+
+def test_70b_gguf_plan_is_fast_bounded_and_split(tmp_path: Path) -> None:
+    """A 70B-shaped Llama 3.1 (sparse files, real headers): the GGUF plan, with a 128k-token vocabulary in its header,
+    is made in seconds, splits as gguf-split would, keeps peak RAM to tiles, and round-trips through JSON."""
+    import json
+
+    from tests.test_scale import sparse_model
+
+    base, lora = sparse_model(tmp_path, "70b")
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672,
+        "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256,
+        "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192},
+        "dtype": "bfloat16",
+    }  # fmt: skip
+    (base / "config.json").write_text(json.dumps(config))
+    bpe_tokenizer(base)
+    p = streammerge.plan(base, [lora], tmp_path / "llama.gguf", outtype="q8_0", gguf_pre=PRE, max_shard_size="20GB", device="cpu")
+    names = [s.file for s in p.shards]
+    assert names == [f"llama-{i:05d}-of-{len(names):05d}.gguf" for i in range(1, len(names) + 1)] and len(names) == 4
+    assert p.estimate.peak_host_bytes < 1 * 2**30
+    assert sum(s.size for s in p.shards) == pytest.approx(70.5e9 * 34 / 32, rel=0.02)  # Q8_0: 34 bytes per 32 weights
+    assert {u.out_dtype for u in p.units} == {"Q8_0", "F32"} and "rope_freqs.weight" in p.shards[0].tensors
+    p.save(tmp_path / "plan.json")
+    assert os.path.getsize(tmp_path / "plan.json") < 64 * 2**20 and Plan.load(tmp_path / "plan.json") == p
