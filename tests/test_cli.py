@@ -127,9 +127,9 @@ def test_unsupported_adapter_contents_are_refused_not_dropped(llama_base: Path, 
     lora = tmp_path / "lora"
     shutil.copytree(llama_lora, lora)
     tensors = load_file(lora / "adapter_model.safetensors")
-    tensors["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"] = tensors[next(iter(tensors))][:2].clone()
+    tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_P.weight"] = tensors[next(iter(tensors))][:2].clone()
     save_file(tensors, lora / "adapter_model.safetensors")
-    assert_one_line_error(run_cli("merge", str(llama_base), str(lora), "-o", str(tmp_path / "o")), "trainable_tokens_delta", "refusing")
+    assert_one_line_error(run_cli("merge", str(llama_base), str(lora), "-o", str(tmp_path / "o")), "lora_P", "refusing")
     assert not (tmp_path / "o").exists()
     config = json.loads((llama_lora / "adapter_config.json").read_text())
     config["alora_invocation_tokens"] = [1, 2]
