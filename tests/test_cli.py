@@ -189,6 +189,9 @@ def test_demo_runs() -> None:
         ({"lora_alpha": float("nan")}, "finite"),
         ({"rank_pattern": {"q_proj": 0}}, "positive integer"),
         ({"init_lora_weights": "pissa_niter_4"}, "residual base"),
+        ({"init_lora_weights": "lora_ga"}, "residual base"),  # LoRA-GA subtracts B @ A from the base at init
+        ({"kasa_config": {"beta": 1e-4}}, "truncates the base weight"),
+        ({"arrow_config": {"top_k": 2}}, "cannot be merged"),
     ],
 )
 def test_bad_adapter_configs_exit_2(llama_base: Path, llama_lora: Path, tmp_path: Path, edit: dict[str, Any], needle: str) -> None:

@@ -42,6 +42,8 @@ _UNSUPPORTED_CONFIG = (
     ("layer_replication", "layer_replication, which changes the architecture"),
     ("use_qalora", "QA-LoRA (use_qalora)"),
     ("use_bdlora", "block-diagonal LoRA (use_bdlora)"),
+    ("kasa_config", "KaSA (kasa_config), which truncates the base weight by SVD before training"),
+    ("arrow_config", "Arrow routing (arrow_config), which picks among adapters per input and cannot be merged"),
 )
 
 
@@ -136,7 +138,7 @@ def _check_config(path: str, config: dict[str, Any]) -> tuple[int, float, bool, 
     if not math.isfinite(alpha):
         raise BadAdapter(f"{path}: 'lora_alpha' must be a finite number, found {alpha!r}")
     init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda")):
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "lora_ga")):
         raise UnsupportedAdapter(
             f"{path}: init_lora_weights={init!r}: this adapter belongs to a residual base, not the original one; "
             "save it with PEFT's path_initial_model_for_weight_conversion to get a plain LoRA, then merge that"
