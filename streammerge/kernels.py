@@ -350,6 +350,21 @@ def as_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(array.data).cast("B")
 
 
+def replace_rows(out: torch.Tensor, row0: int, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Write ``values[i]`` over row ``indices[i] - row0`` of ``out`` for the indices in this tile's rows
+    ``row0 : row0 + len(out)`` (PEFT's trainable tokens: ``index_copy``, rounded once to ``out``'s dtype).
+
+    >>> out = torch.zeros(3, 2)
+    >>> replace_rows(out, 1, [(torch.tensor([0, 2]), torch.tensor([[1.0, 1.0], [2.0, 2.0]]))])
+    >>> out.tolist()
+    [[0.0, 0.0], [2.0, 2.0], [0.0, 0.0]]
+    """
+    for indices, values in rows:
+        inside = (indices >= row0) & (indices < row0 + out.shape[0])
+        if bool(inside.any()):
+            out[indices[inside] - row0] = values[inside].to(out.dtype)
+
+
 def gguf_rows(merged: torch.Tensor, qtype: str, work_dtype: str = "F32", head_rows: int = 0, shift: float = 0.0) -> bytes:
     """Merged rows (the model dtype, on the CPU) as GGUF bytes, converted as llama.cpp's
     convert_hf_to_gguf.py converts a checkpoint tensor: to float32 (a float16 model stays float16),
