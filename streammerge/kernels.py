@@ -384,10 +384,26 @@ def gguf_rows(merged: torch.Tensor, qtype: str, work_dtype: str = "F32", head_ro
     """
     import gguf
 
-    x = merged.to(torch.float16 if work_dtype == "F16" else torch.float32)
-    if head_rows:
-        k = x.shape[0]
-        x = x.reshape(k // head_rows, 2, head_rows // 2, -1).transpose(1, 2).reshape(k, -1)
+    if qtype == "BF16" and merged.dtype == torch.bfloat16 and not shift:
+        return _bf16_rows(_unpermute(merged, head_rows))
+    x = _unpermute(merged.to(torch.float16 if work_dtype == "F16" else torch.float32), head_rows)
     if shift:
         x = x + shift
     return bytes(gguf.quants.quantize(x.numpy(), gguf.GGMLQuantizationType[qtype]).tobytes())
+
+
+def _unpermute(x: torch.Tensor, head_rows: int) -> torch.Tensor:
+    if not head_rows:
+        return x
+    k = x.shape[0]
+    return x.reshape(k // head_rows, 2, head_rows // 2, -1).transpose(1, 2).reshape(k, -1)
+
+
+def _bf16_rows(x: torch.Tensor) -> bytes:
+    """bfloat16 values as ``gguf.quants.quantize(x.float().numpy(), BF16)`` gives them, without the float32 round
+    trip: the rounding is exact for them, and a NaN gets its quiet bit set (0x0040), as gguf's rounding does."""
+    bits = x.contiguous().view(torch.int16)
+    nan = torch.isnan(x)
+    if bool(nan.any()):
+        bits = torch.where(nan, bits | 0x0040, bits)
+    return bytes(bits.numpy().tobytes())

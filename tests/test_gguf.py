@@ -256,6 +256,25 @@ def test_from_a_4bit_base(tmp_path: Path) -> None:
     assert_same_gguf(out, tmp_path / "theirs.gguf")
 
 
+@pytest.mark.parametrize("head_rows", [0, 4])
+def test_bf16_rows_equal_gguf_quants_for_every_bit_pattern(head_rows: int) -> None:
+    """The bfloat16 shortcut (no float32 round trip) against gguf's own BF16 rounding, for all 65536 values
+    (NaNs, infinities, subnormals); and the general path for F16, F32 and Q8_0."""
+    import gguf
+    import numpy as np
+
+    from streammerge.kernels import gguf_rows
+
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).reshape(-1, 64)
+    for qtype in ("BF16", "F16", "F32", "Q8_0"):
+        want = x.float()
+        if head_rows:
+            want = want.reshape(-1, 2, head_rows // 2, 64).transpose(1, 2).reshape(-1, 64)
+        with np.errstate(all="ignore"):
+            expected = gguf.quants.quantize(want.numpy(), gguf.GGMLQuantizationType[qtype]).tobytes()
+            assert gguf_rows(x, qtype, head_rows=head_rows) == expected, qtype
+
+
 def test_refusals(tmp_path: Path) -> None:
     """Unsupported families, modes and options: one line, exit 2, nothing written."""
     from tests.arch_fixtures import make_model

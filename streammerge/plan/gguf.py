@@ -189,7 +189,9 @@ def _convert(
         shift=family.norm_shift if u.name.endswith("norm.weight") else 0.0,
         hf_name=u.name,
     )
-    op = "cast" if u.op == "copy" else u.op
+    op = u.op
+    if op == "copy" and (qtype.name not in ("F16", "F32") or qtype.name != u.source.dtype or head_rows or spec.shift or shape != u.shape):
+        op = "cast"  # converted tile by tile; F16/F32 tensors kept as they are stay kernel copies (the converter's bytes)
     unit = dataclasses.replace(u, name=name, op=op, out_dtype=qtype.name, shape=shape, rows=rows, row_elems=row_elems, gguf=spec)
     unit = size_tiles(unit, tile_bytes)
     return dataclasses.replace(unit, nbytes=rows * spec.row_bytes)
