@@ -74,7 +74,8 @@ def split(plan: Plan, count: int) -> list[tuple[int, ...]]:
     if not 1 <= count <= len(plan.shards):
         raise StreamMergeError(
             f"{plan.out}: cannot split {len(plan.shards)} output shard{'s' if len(plan.shards) != 1 else ''} into {count} parts; "
-            f"use at most {len(plan.shards)} parts, or plan with a smaller --max-shard-size for more shards"
+            f"use at most {len(plan.shards)} part{'s' if len(plan.shards) != 1 else ''}, or plan with a smaller --max-shard-size "
+            "for more shards"
         )
     loads = [0] * count
     owned: list[list[int]] = [[] for _ in range(count)]

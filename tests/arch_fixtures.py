@@ -36,6 +36,14 @@ def _configs() -> dict[str, tuple[str, Callable[[], Any]]]:
         )  # fmt: skip
         return t.LlavaConfig(vision_config=vision, text_config=text, image_token_index=90)
 
+    def llava_next() -> Any:
+        text = t.LlamaConfig(**{**SMALL, "vocab_size": 96})
+        vision = t.CLIPVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8,
+            projection_dim=16,
+        )  # fmt: skip
+        return t.LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=90, image_grid_pinpoints=[[16, 16]])
+
     def qwen2_vl() -> Any:
         text = dict(
             vocab_size=96, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
@@ -81,6 +89,18 @@ def _configs() -> dict[str, tuple[str, Callable[[], Any]]]:
         interleave_moe_layer_step=1,
     )  # fmt: skip
 
+    def qwen3_vl_moe() -> Any:
+        text = dict(
+            vocab_size=96, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+            max_position_embeddings=64, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, head_dim=16,
+            rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+        )  # fmt: skip
+        vision = dict(
+            depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=14, spatial_merge_size=2,
+            num_position_embeddings=16, deepstack_visual_indexes=[0],
+        )  # fmt: skip
+        return t.Qwen3VLMoeConfig(text_config=text, vision_config=vision)
+
     def llama4() -> Any:
         vision = dict(
             hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8,
@@ -125,18 +145,28 @@ def _configs() -> dict[str, tuple[str, Callable[[], Any]]]:
             ),
         ),
         "llama4_text": ("Llama4ForCausalLM", lambda: t.Llama4TextConfig(**llama4_text)),
+        "granitemoe": (  # experts fused on disk under other names (input_linear / output_linear)
+            "GraniteMoeForCausalLM",
+            lambda: t.GraniteMoeConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2),
+        ),
+        "ernie4_5_moe": (  # experts per expert on disk, router a parameter (mlp.gate.weight), shared experts
+            "Ernie4_5_MoeForCausalLM",
+            lambda: t.Ernie4_5_MoeConfig(**SMALL, moe_num_experts=4, moe_k=2, moe_intermediate_size=8, moe_layer_start_index=0),
+        ),
         "llava": ("LlavaForConditionalGeneration", llava),
+        "llava_next": ("LlavaNextForConditionalGeneration", llava_next),
         "qwen2_vl": ("Qwen2VLForConditionalGeneration", qwen2_vl),
         "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", qwen2_5_vl),
         "mistral3": ("Mistral3ForConditionalGeneration", mistral3),
         "gemma3": ("Gemma3ForConditionalGeneration", gemma3),
         "llama4": ("Llama4ForConditionalGeneration", llama4),
+        "qwen3_vl_moe": ("Qwen3VLMoeForConditionalGeneration", qwen3_vl_moe),
     }
 
 
 DENSE = ("qwen3", "qwen2", "mistral", "gemma2", "gemma3_text", "phi3", "gpt_neox", "olmo2", "starcoder2")
-MOE = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "gpt_oss", "llama4_text")
-VLM = ("llava", "qwen2_vl", "qwen2_5_vl", "mistral3", "gemma3", "llama4")
+MOE = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "gpt_oss", "llama4_text", "ernie4_5_moe", "granitemoe")
+VLM = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "mistral3", "gemma3", "llama4", "qwen3_vl_moe")
 FAMILIES = DENSE + MOE + VLM
 
 

@@ -8,6 +8,7 @@ transformers close to those of the unmerged PEFT model.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +33,9 @@ TARGETS: dict[str, list[str]] = {
     "gpt_oss": EXPERTS,  # stored fused on disk, (experts, in, out)
     "llama4_text": LLAMA4_EXPERTS,  # stored fused on disk
     "llama4": LLAMA4_EXPERTS,
+    "ernie4_5_moe": [*EXPERTS, "mlp.gate.weight"],
+    "qwen3_vl_moe": EXPERTS,  # stored fused on disk
+    "granitemoe": ["block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.experts.down_proj"],  # renamed on load
 }
 #: PEFT cannot run these unmerged (Llama 4's router is a Linear that returns a tuple), so no logits oracle.
 NO_UNMERGED_FORWARD = {"llama4_text", "llama4"}
@@ -74,13 +78,37 @@ def test_family_merges_like_peft(family: str, base_of: Callable[[str], Path], tm
     changed = _check_exact(tmp_path / "out", peft_merged(base, adapter, tmp_path / "ref"), base)
     assert {t for c in plan.changes for t in c.tensors} == set(changed)
     if family in TARGETS:
-        assert any(".experts." in n for n in changed)
+        assert any(".experts." in n or "_linear." in n for n in changed)  # granitemoe: input_linear / output_linear
     if "mlp.gate.weight" in TARGETS.get(family, []):
         assert any(n.endswith("mlp.gate.weight") for n in changed)
     if family in NO_UNMERGED_FORWARD:
         logits(tmp_path / "out")  # loads with no missing or unexpected keys, and runs
     else:
         _check_logits(tmp_path / "out", base, adapter)
+
+
+@pytest.mark.parametrize(
+    ("family", "lora"),
+    [
+        ("mixtral", {"target_modules": "all-linear"}),
+        ("qwen3_moe", {"target_modules": "all-linear"}),
+        ("ernie4_5_moe", {"target_modules": "all-linear"}),
+        ("mixtral", {"target_modules": r".*\.(q_proj|v_proj)", "target_parameters": ["gate_up_proj", "down_proj"]}),
+    ],
+    ids=["mixtral", "qwen3_moe", "ernie4_5_moe", "mixtral-regex-modules"],
+)
+def test_bare_target_parameters_merge_like_peft(
+    family: str, lora: dict[str, object], base_of: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """PEFT 0.21 turns ``all-linear`` on an MoE model into bare target_parameters (``gate_up_proj``, ``down_proj``,
+    ``gate.weight``) whose LoRA keys look like a layer's (``mlp.experts.lora_A.weight``, experts x r rows)."""
+    base = base_of(family)
+    adapter = make_adapter(base, tmp_path / "lora", **lora)
+    targets = json.loads((adapter / "adapter_config.json").read_text()).get("target_parameters") or []
+    assert "down_proj" in targets  # bare names, as PEFT writes them
+    streammerge.run(streammerge.plan(base, [adapter], tmp_path / "out"))
+    changed = _check_exact(tmp_path / "out", peft_merged(base, adapter, tmp_path / "ref"), base)
+    assert any(".experts." in n and "shared" not in n for n in changed)
 
 
 @pytest.mark.parametrize(
@@ -210,3 +238,34 @@ def test_merged_4bit_moe_leaves_routers_and_experts_16bit_and_loads(family: str,
     assert not any(".gate.weight." in n or (".experts." in n and n.endswith(".absmax")) for n in names)
     _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", device_map="cpu", output_loading_info=True)
     assert not any(info.values()), info
+
+
+def test_experts_stored_transposed_merge_like_peft(base_of: Callable[[str], Path], tmp_path: Path) -> None:
+    """Qwen3-VL-MoE checkpoints on the Hub store experts (experts, in, out); transformers transposes them on load
+    (its ``Transpose(1, 2)`` conversion). The merge keeps the checkpoint's layout and equals PEFT's in memory."""
+    import shutil
+
+    from peft import PeftModel
+    from safetensors.torch import save_file
+
+    from tests.arch_fixtures import _load
+
+    base = tmp_path / "base"
+    shutil.copytree(base_of("qwen3_vl_moe"), base)
+    tensors = load_folder(base)
+    experts = [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert experts
+    for n in experts:
+        tensors[n] = tensors[n].transpose(1, 2).contiguous()
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    adapter = make_adapter(base, tmp_path / "lora", target_modules="all-linear", target_parameters=EXPERTS)
+    plan = streammerge.plan(base, [adapter], tmp_path / "out")
+    streammerge.run(plan)
+    got = load_folder(tmp_path / "out")
+    assert all(got[n].shape == tensors[n].shape for n in experts)  # the checkpoint's own layout
+    assert set(experts) <= {t for c in plan.changes for t in c.tensors}
+    ours = _load(tmp_path / "out", torch.bfloat16).state_dict()
+    theirs = PeftModel.from_pretrained(_load(base, torch.float64), adapter).merge_and_unload().to(torch.bfloat16).state_dict()
+    assert sorted(ours) == sorted(theirs)
+    for name, t in theirs.items():
+        assert torch.equal(ours[name], t), name

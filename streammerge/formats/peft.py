@@ -211,7 +211,7 @@ def open_adapter(root: str | os.PathLike[str]) -> Adapter:
 
     targets = list(config.get("target_parameters") or [])
     pairs = [
-        _make_pair(weights_path, module, ab, extras.get(module, {}), r, alpha, rslora, ranks, alphas, targets)
+        _make_pair(weights_path, module, ab, extras.get(module, {}), r, alpha, rslora, ranks, alphas, targets, config.get("target_modules"))
         for module, ab in factors.items()
     ]
     flavours = ["rslora" if rslora else "lora"]
@@ -240,14 +240,20 @@ def open_adapter(root: str | os.PathLike[str]) -> Adapter:
     )
 
 
-def targets_module(targets: list[str], module: str) -> bool:
+def targets_module(targets: list[str], module: str, target_modules: object = None) -> bool:
     """Whether some ``target_parameters`` entry names a parameter of ``module`` (PEFT's matching:
-    the full ``module.param`` key, or a suffix of it after a dot)."""
+    the full ``module.param`` key, or a suffix of it after a dot).
+
+    A bare entry (``"gate_up_proj"``, as PEFT 0.21 writes when it turns ``all-linear`` on an MoE model
+    into target_parameters) can name a parameter of any module; the module is taken as a
+    ParamWrapper when ``target_modules`` is a list that does not name it (so its LoRA is not a layer's)."""
     for t in targets:
         t_module = t.rpartition(".")[0]
-        if module == t_module or module.endswith("." + t_module):
+        if t_module and (module == t_module or module.endswith("." + t_module)):
             return True
-    return False
+    if not any("." not in t for t in targets) or not isinstance(target_modules, list):
+        return False
+    return not any(isinstance(m, str) and (module == m or module.endswith("." + m)) for m in target_modules)
 
 
 def targeted_params(targets: list[str], module: str, params: tuple[str, ...]) -> list[str]:
@@ -309,11 +315,12 @@ def _make_pair(
     ranks: dict[str, int],
     alphas: dict[str, float],
     targets: list[str],
+    target_modules: object = None,
 ) -> LoraPair:
     depth = 0
     while module.endswith(".base_layer"):
         module, depth = module.removesuffix(".base_layer"), depth + 1
-    param_depth = depth if depth or targets_module(targets, module) else None
+    param_depth = depth if depth or targets_module(targets, module, target_modules) else None
     embedding = "eA" in ab or "eB" in ab
     a, b = (ab.get("eA"), ab.get("eB")) if embedding else (ab.get("A"), ab.get("B"))
     if a is None or b is None or len(ab) != 2:
@@ -336,6 +343,8 @@ def _make_pair(
     alpha_key = pattern_key(list(alphas), module)
     rank = ranks[rank_key] if rank_key is not None else r
     lora_alpha = float(alphas[alpha_key]) if alpha_key is not None else alpha
+    if param_depth is None and a.shape[0] != rank and a.shape[0] % rank == 0 and any("." not in t for t in targets):
+        param_depth = 0  # target_modules as a regex and bare target_parameters: the rows (experts * r) tell
     if param_depth is not None:  # A is (experts * r, in): checked against the base's parameter
         if extra:
             t = next(iter(extra.values()))

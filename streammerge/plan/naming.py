@@ -51,11 +51,14 @@ class Param:
     pieces: tuple[Piece, ...]
     unsupported: str = ""
     """Set when transformers builds this parameter with conversions streammerge does not invert."""
+    swapped: bool = False
+    """The one checkpoint tensor is this 3-D parameter with its last two dimensions swapped (transformers'
+    ``Transpose(1, 2)`` conversion, e.g. Qwen3-VL-MoE experts stored (experts, in, out))."""
 
     @property
     def direct(self) -> str | None:
         """The checkpoint tensor holding the whole parameter as it is, if one does."""
-        if len(self.pieces) == 1 and self.pieces[0].expert is None and not self.unsupported:
+        if len(self.pieces) == 1 and self.pieces[0].expert is None and not self.unsupported and not self.swapped:
             p = self.pieces[0]
             if p.start == 0 and p.stop == self.shape[p.axis]:
                 return p.tensor
@@ -116,9 +119,6 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         (
             "llava",
-            "llava_next",
-            "llava_next_video",
-            "llava_onevision",
             "paligemma",
             "aya_vision",
             "mistral3",
@@ -129,6 +129,7 @@ FAMILIES: tuple[Family, ...] = (
         ),
         _LLAVA,
     ),
+    Family(("llava_next", "llava_next_video", "llava_onevision"), (*_LLAVA, Rename(r"^image_newline$", "model.image_newline"))),
     Family(
         ("qwen2_vl", "qwen2_5_vl"),
         (Rename(r"^visual\.", "model.visual."), Rename(r"^model\.(?!language_model\.|visual\.)", "model.language_model.")),
@@ -150,13 +151,13 @@ FAMILIES: tuple[Family, ...] = (
             "olmoe",
             "glm4_moe",
             "dots1",
-            "ernie4_5_moe",
             "hunyuan_v1_moe",
             "flex_olmo",
             "qwen3_next",
         ),
         _QWEN2_MOE,
     ),
+    Family(("ernie4_5_moe",), (Rename(r"\.mlp\.moe_statics\.", ".mlp.gate.moe_statics."), *_QWEN2_MOE)),
     Family(("gpt_oss",), (), transposed_experts=True),
 )
 """The families planning knows without transformers. Each entry is checked against transformers'
@@ -297,11 +298,19 @@ def transformers_naming(tensors: dict[str, TensorInfo], config: dict[str, Any] |
         conv = next(c for c in converters if pattern in c.source_patterns)
         converter_of[memory] = conv
         m = _star_regex(pattern).search(name)
-        groups.setdefault(memory, []).append((list(conv.source_patterns).index(pattern), int(m.group(1)) if m else -1, t))
+        expert = int(m.group(1)) if m and m.re.groups else -1
+        groups.setdefault(memory, []).append((list(conv.source_patterns).index(pattern), expert, t))
     for target, members in groups.items():
         ops = list(converter_of[target].operations)
         kinds = tuple(type(op).__name__ for op in ops)
-        if kinds == ("MergeModulelist",) and getattr(ops[0], "dim", 0) == 0:
+        if kinds == ("Transpose",) and len(members) == 1:
+            swapped = _transposed(target, members[0][2], ops[0], meta.get(target))
+            if swapped is not None:
+                params[target] = swapped
+            elif target != members[0][2].name:
+                t = members[0][2]
+                params[target] = Param(target, t.shape, (Piece(t.name, None, 0, 0, t.shape[0] if t.shape else 1),))
+        elif kinds == ("MergeModulelist",) and getattr(ops[0], "dim", 0) == 0:
             params[target] = _stacked(target, members, 0)
         elif kinds == ("MergeModulelist", "Concatenate") and getattr(ops[0], "dim", 0) == 0 and getattr(ops[1], "dim", 0) in (1, 2):
             params[target] = _stacked(target, members, getattr(ops[1], "dim", 1) - 1)
@@ -316,6 +325,18 @@ def transformers_naming(tensors: dict[str, TensorInfo], config: dict[str, Any] |
         if getattr(module, "is_transposed", False) and any(p.dim() == 3 for p in module.parameters(recurse=False)):
             transposed.add(mname)
     return Naming(params, module_params, frozenset(transposed), source=f"transformers {transformers.__version__} conversion mapping")
+
+
+def _transposed(target: str, t: TensorInfo, op: Any, meta: Any) -> Param | None:
+    """transformers' ``Transpose`` of one checkpoint tensor: None when the tensor is the parameter as it is
+    (``check_dims`` and the shapes agree), else the swapped Param (or an unsupported one)."""
+    shape = tuple(meta.shape) if meta is not None else None
+    if getattr(op, "check_dims", False) and shape == t.shape:
+        return None
+    dims = sorted((getattr(op, "dim0", 0), getattr(op, "dim1", 1)))
+    if len(t.shape) == 3 and dims == [1, 2] and (shape is None or shape == (t.shape[0], t.shape[2], t.shape[1])):
+        return Param(target, (t.shape[0], t.shape[2], t.shape[1]), (Piece(t.name, None, 0, 0, t.shape[0]),), swapped=True)
+    return Param(target, (), (), unsupported=f"transformers transposes {t.name!r} {list(t.shape)} along dimensions {dims}")
 
 
 def _star_regex(pattern: str) -> re.Pattern[str]:

@@ -139,13 +139,16 @@ def param_terms(names: Names, adapter: Adapter, pair: LoraPair, weight: float, i
             f"with {experts} experts and r={rank} (expected A {[experts * rank, in_f]}, B {[out_f, experts * rank]})"
         )
     out: list[tuple[TensorInfo, LoraTerm]] = []
-    if mapped is None:  # the checkpoint stores P itself: one term per expert, on its band of rows
-        assert tensor is not None
-        _check_float(where, tensor)
+    if mapped is None or mapped.direct or mapped.swapped:
+        # the checkpoint stores P (perhaps renamed, or with each expert transposed): one term per expert, on its rows
+        stored = tensor if mapped is None else names.ckpt.tensors[mapped.pieces[0].tensor]
+        assert stored is not None
+        _check_float(where, stored)
+        flip, rows = (not transposed, d2) if mapped is not None and mapped.swapped else (transposed, d1)
         for e in range(experts):
-            out.append((tensor, LoraTerm(
-                a=row_slice(a, e * rank, (e + 1) * rank), b=Source.of(b), scale=scale, transpose=transposed, adapter=index,
-                b_cols=(e, experts * rank, experts), rows=(e * d1, (e + 1) * d1),
+            out.append((stored, LoraTerm(
+                a=row_slice(a, e * rank, (e + 1) * rank), b=Source.of(b), scale=scale, transpose=flip, adapter=index,
+                b_cols=(e, experts * rank, experts), rows=(e * rows, (e + 1) * rows),
             )))  # fmt: skip
         return name, out
     for piece in mapped.pieces:
