@@ -32,7 +32,7 @@ from streammerge.geometry import ALIGN, STAGING_SLOTS, aligned_start, in_tile_by
 from streammerge.inputs import Reading
 from streammerge.inputs.mapped import SourceFiles, Tiles
 from streammerge.journal import partial_path
-from streammerge.kernels import ACCUMULATE, TORCH_DTYPES, Factors, Workspace, combine_linear, merge_rows
+from streammerge.kernels import ACCUMULATE, TORCH_DTYPES, Factors, Workspace, combine_linear, merge_rows, replace_rows
 from streammerge.lock import output_lock, part_lock
 from streammerge.pack import PackReport, StreamPacker
 from streammerge.plan.layout import check_inputs_unchanged, check_output
@@ -177,6 +177,7 @@ class _UnitRun:
     factors: list[Factors]
     magnitude: torch.Tensor | None
     adds: list[tuple[torch.Tensor, float]]
+    token_rows: list[tuple[torch.Tensor, torch.Tensor]]
     acc: torch.Tensor | None
     dequant: Dequantizer | None
     requant: Requantizer | FP8Requantizer | MXFP4Requantizer | None
@@ -194,6 +195,13 @@ class _UnitRun:
             factors=factors,
             magnitude=_load_vector(files, unit.magnitude, work.device) if unit.magnitude else None,
             adds=[(_load_vector(files, a.source, work.device), a.scale) for a in unit.adds],
+            token_rows=[
+                (
+                    torch.tensor(r.indices, dtype=torch.int64, device=work.device),
+                    _load_vector(files, r.source, work.device).view(r.source.shape),
+                )
+                for r in unit.token_rows
+            ],
             acc=work.get("acc", ACCUMULATE, (unit.chunk_rows, unit.row_elems)) if factors else None,
             dequant=Dequantizer.load(files, unit.quant, work.device) if unit.quant else None,
             requant=_requantizer(unit, work),
@@ -222,6 +230,8 @@ class _UnitRun:
 
     def compute(self, tile: torch.Tensor, r0: int, acc: torch.Tensor | None, result: torch.Tensor) -> None:
         _compute(tile, self.factors, r0, acc, result, self.magnitude, self.adds, r0 * self.unit.row_elems)
+        if self.token_rows:
+            replace_rows(result, r0, self.token_rows)
 
     def out_tile(self, r0: int, k: int) -> tuple[Buffer, int, int, torch.Tensor]:
         """A pool buffer for rows ``r0 : r0 + k`` of the output: (buffer, file offset, start in the

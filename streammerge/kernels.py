@@ -392,3 +392,18 @@ def as_bytes(t: torch.Tensor) -> memoryview:
     flat = t.contiguous().reshape(-1)
     array = flat.view(torch.uint8).numpy()
     return memoryview(array.data).cast("B")
+
+
+def replace_rows(out: torch.Tensor, row0: int, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Write ``values[i]`` over row ``indices[i] - row0`` of ``out`` for the indices in this tile's rows
+    ``row0 : row0 + len(out)`` (PEFT's trainable tokens: ``index_copy``, rounded once to ``out``'s dtype).
+
+    >>> out = torch.zeros(3, 2)
+    >>> replace_rows(out, 1, [(torch.tensor([0, 2]), torch.tensor([[1.0, 1.0], [2.0, 2.0]]))])
+    >>> out.tolist()
+    [[0.0, 0.0], [2.0, 2.0], [0.0, 0.0]]
+    """
+    for indices, values in rows:
+        inside = (indices >= row0) & (indices < row0 + out.shape[0])
+        if bool(inside.any()):
+            out[indices[inside] - row0] = values[inside].to(out.dtype)

@@ -127,9 +127,9 @@ def test_unsupported_adapter_contents_are_refused_not_dropped(llama_base: Path, 
     lora = tmp_path / "lora"
     shutil.copytree(llama_lora, lora)
     tensors = load_file(lora / "adapter_model.safetensors")
-    tensors["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"] = tensors[next(iter(tensors))][:2].clone()
+    tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_P.weight"] = tensors[next(iter(tensors))][:2].clone()
     save_file(tensors, lora / "adapter_model.safetensors")
-    assert_one_line_error(run_cli("merge", str(llama_base), str(lora), "-o", str(tmp_path / "o")), "trainable_tokens_delta", "refusing")
+    assert_one_line_error(run_cli("merge", str(llama_base), str(lora), "-o", str(tmp_path / "o")), "lora_P", "refusing")
     assert not (tmp_path / "o").exists()
     config = json.loads((llama_lora / "adapter_config.json").read_text())
     config["alora_invocation_tokens"] = [1, 2]
@@ -189,6 +189,9 @@ def test_demo_runs() -> None:
         ({"lora_alpha": float("nan")}, "finite"),
         ({"rank_pattern": {"q_proj": 0}}, "positive integer"),
         ({"init_lora_weights": "pissa_niter_4"}, "residual base"),
+        ({"init_lora_weights": "lora_ga"}, "residual base"),  # LoRA-GA subtracts B @ A from the base at init
+        ({"kasa_config": {"beta": 1e-4}}, "truncates the base weight"),
+        ({"arrow_config": {"top_k": 2}}, "cannot be merged"),
     ],
 )
 def test_bad_adapter_configs_exit_2(llama_base: Path, llama_lora: Path, tmp_path: Path, edit: dict[str, Any], needle: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -267,3 +269,83 @@ def test_empty_lora_factors_are_refused(base: Path, tmp_path: Path) -> None:
     save_file({k: (v[:, :0].contiguous() if "lora_A" in k else v) for k, v in tensors.items()}, path)
     with pytest.raises(streammerge.BadAdapter, match="empty"):
         streammerge.plan(base, [str(adapter)], out=tmp_path / "o")
+
+
+def _tokens_adapter(base: Path, path: Path, seed: int = 5, **lora: Any) -> Path:
+    """PEFT's trainable tokens (and LoRA) with random deltas: PEFT starts them at the base's rows."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import random_lora
+
+    peft_model = random_lora(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), seed, **lora)
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.copy_(torch.randn_like(p))
+    peft_model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("tie", "indices"),
+    [(False, [3, 5, 120]), (True, [0, 7, 127]), (False, {"embed_tokens": [2, 64]})],
+    ids=["untied", "tied", "dict-form"],
+)
+def test_trainable_tokens(tmp_path: Path, tie: bool, indices: Any) -> None:
+    base = make_llama(tmp_path / "base", tie=tie)
+    adapter = _tokens_adapter(base, tmp_path / "lora", target_modules=["q_proj", "v_proj"], trainable_token_indices=indices)
+    plan = streammerge.plan(base, [str(adapter)], out=tmp_path / "ours", tile_size=4096)  # tiles cut across the token rows
+    assert "trainable tokens" in plan.flavours[0]
+    plan.save(tmp_path / "plan.json")
+    assert streammerge.Plan.load(tmp_path / "plan.json") == plan and any(u.token_rows for u in plan.units)
+    ours = merge(base, [adapter], tmp_path / "ours", tile_size=4096)
+    theirs = peft_merged(base, [adapter], tmp_path / "theirs")
+    assert identical(ours, theirs) == 1.0
+    before = load_folder(base)["model.embed_tokens.weight"]
+    rows = indices if isinstance(indices, list) else indices["embed_tokens"]
+    changed = (ours["model.embed_tokens.weight"] != before).any(dim=1).nonzero().flatten().tolist()
+    assert changed == sorted(rows)
+    assert read_json(tmp_path / "ours" / "config.json")["tie_word_embeddings"] is tie  # tokens alone keep the tie
+
+
+def test_trainable_tokens_on_tied_embeddings_with_lm_head_lora_is_refused(tmp_path: Path) -> None:
+    """PEFT cannot even save that merge (shared tensors); streammerge refuses it in one line."""
+    from tests.conftest import run_cli
+    from tests.test_cli import assert_one_line_error
+
+    base = make_llama(tmp_path / "base", tie=True)
+    adapter = _tokens_adapter(base, tmp_path / "lora", target_modules=["lm_head", "q_proj"], trainable_token_indices=[4, 9])
+    assert_one_line_error(run_cli("merge", str(base), str(adapter), "-o", str(tmp_path / "o")), "trainable tokens on tied embeddings")
+
+
+def test_trainable_tokens_bad_inputs_are_refused(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from tests.conftest import run_cli
+    from tests.test_cli import assert_one_line_error
+
+    base = make_llama(tmp_path / "base")
+    good = _tokens_adapter(base, tmp_path / "good", target_modules=["q_proj"], trainable_token_indices=[1, 2])
+    cases: list[tuple[dict[str, Any], dict[str, torch.Tensor] | None, str]] = [
+        ({"trainable_token_indices": [1, 2, 3]}, None, "3 rows"),
+        ({"trainable_token_indices": [1, 1]}, None, "lists a token twice"),
+        ({"trainable_token_indices": [1, 500]}, None, "token ids up to 500"),
+        ({"trainable_token_indices": None}, None, "gives no trainable_token_indices"),
+        ({"trainable_token_indices": {"lm_head": [1, 2]}}, None, "names none"),
+        ({}, {"base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta": torch.zeros(2, 5)}, "does not fit"),
+    ]
+    for i, (edit, tensors, message) in enumerate(cases):
+        bad = tmp_path / f"bad{i}"
+        shutil.copytree(good, bad)
+        config = read_json(bad / "adapter_config.json")
+        (bad / "adapter_config.json").write_text(json.dumps({**config, **edit}))
+        if tensors is not None:
+            save_file({**load_file(bad / "adapter_model.safetensors"), **tensors}, bad / "adapter_model.safetensors")
+        assert_one_line_error(run_cli("merge", str(base), str(bad), "-o", str(tmp_path / "o")), message)
+        assert not (tmp_path / "o").exists()
+    shutil.copytree(good, tmp_path / "again")
+    r = run_cli("merge", str(base), str(good), str(tmp_path / "again"), "-o", str(tmp_path / "o"))
+    assert_one_line_error(r, "also trained by another adapter")
+    r = run_cli("merge", str(base), str(good), "-o", str(tmp_path / "o"), "--weights", "0.5")
+    assert_one_line_error(r, "cannot be weighted")

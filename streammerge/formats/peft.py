@@ -31,16 +31,19 @@ _REPLACEMENT_KEY = re.compile(r"^(?P<name>.+\.(?:weight|bias))$")
 ``"lora_only"``) or the base weight of a targeted embedding/output layer (``<module>.base_layer.weight``,
 ``save_embedding_layers``). Loading the adapter puts it into the model in place of the base's tensor."""
 _WRAPPER_PARTS = re.compile(r"\.(?:base_layer|original_module)(?=\.)|\.modules_to_save(?:\.[^.]+)?(?=\.(?:weight|bias)$)")
+_TOKENS_KEY = re.compile(r"^(?P<module>.+)\.token_adapter\.trainable_tokens_delta(?:\.(?P<adapter>[^.]+))?$")
+"""PEFT's trainable tokens (``trainable_token_indices``): the rows the embedding's listed tokens take."""
 _UNSUPPORTED_KEYS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"trainable_tokens"), "a trainable-tokens delta (trainable_token_indices)"),
+    (re.compile(r"trainable_tokens|token_adapter"), "a trainable-tokens tensor streammerge does not know"),
     (re.compile(r"\.lora_[A-Za-z_]+"), "a LoRA variant tensor streammerge does not know"),
 )
 _UNSUPPORTED_CONFIG = (
     ("alora_invocation_tokens", "activated LoRA (alora_invocation_tokens), whose effect depends on the input and cannot be merged"),
     ("layer_replication", "layer_replication, which changes the architecture"),
     ("use_qalora", "QA-LoRA (use_qalora)"),
-    ("trainable_token_indices", "trainable tokens (trainable_token_indices)"),
     ("use_bdlora", "block-diagonal LoRA (use_bdlora)"),
+    ("kasa_config", "KaSA (kasa_config), which truncates the base weight by SVD before training"),
+    ("arrow_config", "Arrow routing (arrow_config), which picks among adapters per input and cannot be merged"),
 )
 
 
@@ -86,6 +89,18 @@ class Adapter:
     fan_in_fan_out: bool
     flavours: tuple[str, ...]
     """What kind of LoRA this is, for humans: e.g. ("lora", "rslora", "rank_pattern")."""
+    tokens: tuple[TokenRows, ...] = ()
+    """Trainable tokens: embedding rows the adapter replaces."""
+
+
+@dataclass(frozen=True)
+class TokenRows:
+    """PEFT's trainable tokens on one embedding: merging writes row ``delta[i]`` over row ``indices[i]``
+    of ``module.weight`` (PEFT's ``index_copy``: a replacement, not an addition)."""
+
+    module: str
+    delta: TensorInfo
+    indices: tuple[int, ...]
 
 
 def pattern_key(patterns: list[str], module: str) -> str | None:
@@ -123,7 +138,7 @@ def _check_config(path: str, config: dict[str, Any]) -> tuple[int, float, bool, 
     if not math.isfinite(alpha):
         raise BadAdapter(f"{path}: 'lora_alpha' must be a finite number, found {alpha!r}")
     init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda")):
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "lora_ga")):
         raise UnsupportedAdapter(
             f"{path}: init_lora_weights={init!r}: this adapter belongs to a residual base, not the original one; "
             "save it with PEFT's path_initial_model_for_weight_conversion to get a plain LoRA, then merge that"
@@ -182,8 +197,14 @@ def open_adapter(root: str | os.PathLike[str]) -> Adapter:
     factors: dict[str, dict[str, TensorInfo]] = {}
     extras: dict[str, dict[str, TensorInfo]] = {}
     replacements: dict[str, TensorInfo] = {}
+    token_deltas: dict[str, TensorInfo] = {}
     for t in header.tensors:
         kind, module = _classify_key(weights_path, t.name)
+        if kind == "tokens":
+            if module in token_deltas:
+                raise BadAdapter(f"{weights_path}: tensor {t.name!r}: module {module!r} has it twice (several adapter names in one file?)")
+            token_deltas[module] = t
+            continue
         if kind == "replacement":
             name = _WRAPPER_PARTS.sub("", module)
             if name in replacements:
@@ -202,7 +223,8 @@ def open_adapter(root: str | os.PathLike[str]) -> Adapter:
         if kind in slot.setdefault(module, {}):
             raise BadAdapter(f"{weights_path}: tensor {t.name!r}: module {module!r} has it twice (several adapter names in one file?)")
         slot[module][kind] = t
-    if not factors and not replacements:
+    tokens = _token_rows(weights_path, config, token_deltas)
+    if not factors and not replacements and not tokens:
         raise BadAdapter(f"{weights_path}: holds no LoRA tensors (lora_A/lora_B) and no saved modules")
     for module, found in extras.items():
         if module not in factors:
@@ -226,6 +248,7 @@ def open_adapter(root: str | os.PathLike[str]) -> Adapter:
             ("modules_to_save", any(".base_layer." not in t.name and t.name.endswith(".weight") for t in replacements.values())),
             ("saved base layers", any(".base_layer.weight" in t.name for t in replacements.values())),
             ("trained biases", any(t.name.endswith(".bias") for t in replacements.values())),
+            ("trainable tokens", bool(tokens)),
         )
         if used
     ]
@@ -237,7 +260,42 @@ def open_adapter(root: str | os.PathLike[str]) -> Adapter:
         replacements=replacements,
         fan_in_fan_out=fifo,
         flavours=tuple(flavours),
+        tokens=tokens,
     )
+
+
+def _token_rows(path: str, config: dict[str, Any], deltas: dict[str, TensorInfo]) -> tuple[TokenRows, ...]:
+    """The trainable-tokens deltas with their token indices from ``trainable_token_indices`` (a list: the
+    input embedding's; a dict: module name -> list, matched as PEFT matches it, by name or dotted suffix)."""
+    spec = config.get("trainable_token_indices")
+    if not deltas:
+        if spec not in (None, [], {}):
+            raise BadAdapter(f"{path}: adapter_config.json sets trainable_token_indices but the file holds no trainable_tokens_delta")
+        return ()
+    if not isinstance(spec, (list, dict)) or not spec:
+        raise BadAdapter(f"{path}: holds trainable-tokens deltas but adapter_config.json gives no trainable_token_indices ({spec!r})")
+    out = []
+    for module, delta in deltas.items():
+        if isinstance(spec, list):
+            if len(deltas) > 1:
+                raise BadAdapter(f"{path}: trainable_token_indices is one list but the file holds deltas for {sorted(deltas)}")
+            indices: object = spec
+        else:
+            keys = [k for k in spec if module == k or module.endswith("." + k)]
+            if len(keys) != 1:
+                raise BadAdapter(f"{path}: tensor {delta.name!r}: trainable_token_indices names {keys or 'none'} of its module {module!r}")
+            indices = spec[keys[0]]
+        if not isinstance(indices, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices):
+            raise BadAdapter(f"{path}: trainable_token_indices for {module!r} must be a list of token ids, found {indices!r}")
+        if len(set(indices)) != len(indices):
+            raise BadAdapter(f"{path}: trainable_token_indices for {module!r} lists a token twice: {indices}")
+        if delta.dtype not in FLOAT_DTYPES or len(delta.shape) != 2 or delta.shape[0] != len(indices):
+            raise BadAdapter(
+                f"{path}: tensor {delta.name!r} is {delta.dtype} {list(delta.shape)}; expected a float matrix of {len(indices)} rows "
+                "(one per token in trainable_token_indices)"
+            )
+        out.append(TokenRows(module, delta, tuple(indices)))
+    return tuple(out)
 
 
 def targets_module(targets: list[str], module: str, target_modules: object = None) -> bool:
@@ -290,7 +348,7 @@ def _classify_key(path: str, key: str) -> tuple[str, str]:
         m = pattern.match(key)
         if m:
             return prefix + m["ab"], _strip_prefix(m["module"])
-    for pattern, kind in ((_MAGNITUDE_KEY, "magnitude"), (_LORA_BIAS_KEY, "bias")):
+    for pattern, kind in ((_MAGNITUDE_KEY, "magnitude"), (_LORA_BIAS_KEY, "bias"), (_TOKENS_KEY, "tokens")):
         m = pattern.match(key)
         if m:
             return kind, _strip_prefix(m["module"])

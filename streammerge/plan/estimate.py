@@ -110,6 +110,7 @@ def unit_cost(u: WorkUnit) -> UnitCost:
     if u.magnitude is not None:
         fixed += u.rows * ACC_SIZE * 2
     fixed += sum(3 * ACC_SIZE * math.prod(a.source.shape) for a in u.adds)
+    fixed += sum(ACC_SIZE * (math.prod(r.source.shape) + len(r.indices)) + r.source.nbytes for r in u.token_rows)
     return UnitCost(per_row, fixed)
 
 

@@ -54,7 +54,13 @@ def make_unit(
         source = Source.of(t)
     shape = t.shape
     mxfp4_out = requant is not None and requant.quant_type == "mxfp4"
-    op: Op = "merge" if lora or update.adds else "dequant" if quant else ("copy" if dtype == t.dtype and not requant else "cast")
+    op: Op = (
+        "merge"
+        if lora or update.adds or update.token_rows
+        else "dequant"
+        if quant
+        else ("copy" if dtype == t.dtype and not requant else "cast")
+    )
     if (op in ("merge", "dequant") or requant is not None) and len(shape) == 2:
         rows, row_elems = shape[0], shape[1]
     elif len(shape) > 2 and (mxfp4_out or (requant is None and (op == "merge" or (quant is not None and quant.kind == "mxfp4")))):
@@ -73,7 +79,8 @@ def make_unit(
     unit = WorkUnit(
         name=name, op=op, source=source, lora=lora, out_dtype=dtype, base_dtype=base_dtype, shape=shape, rows=rows,
         row_elems=row_elems, tile_rows=rows, chunk_rows=rows, work_bytes=0, quant=quant, requant=requant,
-        magnitude=update.magnitude, adds=update.adds, combination=combination if len(lora) > 1 else "cat",
+        magnitude=update.magnitude, adds=update.adds, token_rows=update.token_rows,
+        combination=combination if len(lora) > 1 else "cat",
     )  # fmt: skip
     return size_tiles(unit, tile_bytes)
 

@@ -14,9 +14,9 @@ from typing import Any
 
 from streammerge.errors import AdapterMismatch, UnsupportedAdapter
 from streammerge.formats.checkpoint import Checkpoint
-from streammerge.formats.peft import PEFT_PREFIX, Adapter, LoraPair
+from streammerge.formats.peft import PEFT_PREFIX, Adapter, LoraPair, TokenRows
 from streammerge.formats.safetensors import FLOAT_DTYPES, Source, TensorInfo
-from streammerge.plan.model import AddTerm, Change, LoraTerm
+from streammerge.plan.model import AddTerm, Change, LoraTerm, RowsTerm
 from streammerge.plan.naming import Naming
 from streammerge.plan.resolve import Names, param_terms
 
@@ -32,6 +32,8 @@ class BaseUpdate:
     """DoRA magnitude: rows of W + delta are rescaled to it."""
     adds: tuple[AddTerm, ...] = ()
     """Vectors added times a scale (lora_bias)."""
+    token_rows: tuple[RowsTerm, ...] = ()
+    """Rows written over the merged weight (trainable tokens)."""
 
 
 INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "tok_embeddings.weight")
@@ -141,6 +143,7 @@ def map_updates(ckpt: Checkpoint, adapters: list[Adapter], weights: list[float],
                         f"{adapter.weights_path}: tensor {pair.bias.name!r} (lora_bias) needs a base bias {bias_name!r} of {list(pair.bias.shape)}"
                     )
                 adds.setdefault(bias_name, []).append(AddTerm(Source.of(pair.bias), weight * pair.scale))
+    tokens = _token_rows(ckpt, names, adapters, weights, terms, sources)
     for name in magnitudes:
         if len(terms[name]) > 1:
             raise UnsupportedAdapter(
@@ -171,11 +174,69 @@ def map_updates(ckpt: Checkpoint, adapters: list[Adapter], weights: list[float],
         notes.append("the adapter changes one side of tied input/output embeddings: both are written and the config unties them")
         if virtual_head is not None:
             extra = (virtual_head,)
-    touched = set(terms) | set(sources) | set(magnitudes) | set(adds)
-    updates = {n: BaseUpdate(tuple(terms.get(n, ())), sources.get(n), magnitudes.get(n), tuple(adds.get(n, ()))) for n in touched}
+    tied_head = virtual_head is not None or tied_config
+    if embed is not None and embed.name in tokens and tied_head and changed & heads:
+        raise UnsupportedAdapter(
+            f"{ckpt.root}: the adapters put trainable tokens on tied embeddings {embed.name!r} and also change "
+            f"{sorted(changed & heads)[0]!r} (LoRA or a saved copy); PEFT's result of that mix depends on its wrapping order "
+            "and streammerge does not guess it"
+        )
+    if embed is not None and embed.name in tokens and tied_head and OUTPUT_EMBEDDING in ckpt.tensors:
+        # PEFT ties the output layer's tokens to the input's: the same rows go to lm_head wherever it is written
+        tokens.setdefault(OUTPUT_EMBEDDING, []).extend(tokens[embed.name])
+    for index, adapter in enumerate(adapters):
+        for token_rows in adapter.tokens:
+            written = [n for n, found in tokens.items() if any(r is token_rows for r, _ in found)]
+            changes.append(Change(index, token_rows.module, tuple(sorted(written))))
+    touched = set(terms) | set(sources) | set(magnitudes) | set(adds) | set(tokens)
+    updates = {
+        n: BaseUpdate(
+            tuple(terms.get(n, ())), sources.get(n), magnitudes.get(n), tuple(adds.get(n, ())), tuple(r for _, r in tokens.get(n, ()))
+        )
+        for n in touched
+    }
     if names.used is not None:
         notes.append(f"adapter names resolved through the {names.used.source}")
     return Updates(updates, extra, edits, tuple(notes), tuple(changes))
+
+
+def _token_rows(
+    ckpt: Checkpoint,
+    names: Names,
+    adapters: list[Adapter],
+    weights: list[float],
+    terms: dict[str, list[LoraTerm]],
+    sources: dict[str, TensorInfo],
+) -> dict[str, list[tuple[TokenRows, RowsTerm]]]:
+    """Base tensor -> the trainable-tokens rows written over it, checked against the base."""
+    out: dict[str, list[tuple[TokenRows, RowsTerm]]] = {}
+    for adapter, weight in zip(adapters, weights, strict=True):
+        for rows in adapter.tokens:
+            where = f"{adapter.weights_path}: tensor {rows.delta.name!r}"
+            target = names.tensor(rows.module)
+            if target is None:
+                raise AdapterMismatch(
+                    f"{where} (trainable tokens) replaces rows of {rows.module + '.weight'!r}, which the base {ckpt.root} does not have"
+                )
+            if weight != 1.0:
+                raise UnsupportedAdapter(f"{where}: trainable tokens replace rows and cannot be weighted (weight {weight:g}); use weight 1")
+            if target.name in terms or target.name in sources:
+                raise UnsupportedAdapter(
+                    f"{where}: {target.name!r} takes trainable tokens and also LoRA or a saved copy; streammerge merges only one of them"
+                )
+            width = sources[target.name].shape if target.name in sources else target.shape
+            if len(width) != 2 or rows.delta.shape[1] != width[1] or max(rows.indices) >= width[0]:
+                raise AdapterMismatch(
+                    f"{where} (trainable tokens {list(rows.delta.shape)}, token ids up to {max(rows.indices)}) does not fit "
+                    f"base tensor {target.name!r} of {list(width)}"
+                )
+            for other, _ in out.get(target.name, ()):
+                shared = sorted(set(other.indices) & set(rows.indices))
+                if shared:
+                    raise AdapterMismatch(f"{where}: token ids {shared[:8]} are also trained by another adapter on {target.name!r}")
+            term = RowsTerm(Source.of(rows.delta), rows.indices)
+            out.setdefault(target.name, []).append((rows, term))
+    return out
 
 
 def _targeting_hint(adapter: Adapter, module: str) -> str:

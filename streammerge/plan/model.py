@@ -88,6 +88,15 @@ class AddTerm:
 
 
 @dataclass(frozen=True)
+class RowsTerm:
+    """Rows written over the merged weight (PEFT's trainable tokens): row ``indices[i]`` becomes
+    ``source[i]``, rounded once to the output dtype."""
+
+    source: Source
+    indices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class QuantSpec:
     """How to dequantize a quantized source: bitsandbytes 4-bit (nf4/fp4) block scales or int8 row
     scales, FP8 codes with one scale per (block_rows, block_cols) block, or MXFP4 experts (one E8M0
@@ -247,6 +256,8 @@ class WorkUnit:
     """DoRA: each row of ``W + delta`` is rescaled to this magnitude (norm over the row, float64)."""
     adds: tuple[AddTerm, ...] = ()
     """Vectors added times their scale (lora_bias), for 1-D units."""
+    token_rows: tuple[RowsTerm, ...] = ()
+    """Rows replaced after the merge (trainable tokens), 2-D units only."""
     combination: str = "cat"
     """How several LoRA terms combine: "cat" sums the deltas; "linear" multiplies the weighted sums of
     the B's and of the A's (PEFT's ``linear``), each term's ``scale`` being its weight times its scaling."""
@@ -265,7 +276,7 @@ class WorkUnit:
         the DoRA magnitude and added vectors. The readahead and the executor both measure their
         position in these bytes."""
         stats = () if self.quant is None else self.quant.statistics
-        vectors = (self.magnitude, *(a.source for a in self.adds))
+        vectors = (self.magnitude, *(a.source for a in self.adds), *(r.source for r in self.token_rows))
         return (self.source, *(s for term in self.lora for s in (term.a, term.b)), *stats, *(s for s in vectors if s is not None))
 
     @property
@@ -420,6 +431,7 @@ def plan_from_dict(obj: Any, where: str = "plan") -> Plan:
                     "extra": tuple(OutputSlot(**{**x, "shape": _tuple(x["shape"])}) for x in u.get("extra", ())),
                     "magnitude": None if u.get("magnitude") is None else src(u["magnitude"]),
                     "adds": tuple(AddTerm(source=src(a["source"]), scale=a["scale"]) for a in u.get("adds", ())),
+                    "token_rows": tuple(RowsTerm(src(r["source"]), _tuple(r["indices"])) for r in u.get("token_rows", ())),
                 }
             )
             for u in obj["units"]
