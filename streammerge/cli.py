@@ -87,6 +87,8 @@ _mode_option = click.option(
     help="merged_16bit: a standalone 16-bit model; merged_4bit: linear weights re-quantized to 4 bit (bitsandbytes NF4, "
     "or the base's own 4-bit settings); merged_fp8: from an FP8 base (block-wise fp8 or compressed-tensors), the merged "
     "weights re-quantized into its own FP8 format and blocks with fresh scales, the model keeping the base's size; "
+    "merged_mxfp4: from an MXFP4 base (gpt-oss), the merged experts re-quantized into its *_blocks + *_scales with fresh "
+    "exponents, the rest as merged_16bit writes it, the experts keeping the base's size; "
     "lora: only the adapter, normalised and checked against the base.",
 )
 _weights_option = click.option(
@@ -498,6 +500,7 @@ def merge(
       streammerge merge ./llama-bnb-4bit ./qlora -o ./merged            (16-bit output)
       streammerge merge ./llama-bnb-4bit ./qlora -o ./merged-4bit --mode merged_4bit
       streammerge merge ./DeepSeek-V3 ./lora -o ./merged-fp8 --mode merged_fp8   (FP8 in, FP8 out)
+      streammerge merge ./gpt-oss-20b ./lora -o ./merged-mx --mode merged_mxfp4   (MXFP4 experts in and out)
     Several adapters: streammerge merge BASE A1 A2 -o OUT --weights 0.7,0.3 gives
     W + sum_i w_i s_i B_i @ A_i (one read and one write of the base, whatever their number).
     """

@@ -38,7 +38,7 @@ from streammerge.pack import PackReport, StreamPacker
 from streammerge.plan.gguf import check_gguf_output
 from streammerge.plan.layout import check_inputs_unchanged, check_output
 from streammerge.plan.model import LoraTerm, Plan, WorkUnit
-from streammerge.quantize import Dequantizer, FP8Requantizer, Requantizer
+from streammerge.quantize import Dequantizer, FP8Requantizer, MXFP4Requantizer, Requantizer
 from streammerge.sizes import format_bytes
 from streammerge.staging import Sink, Staging, pinned_buffer
 from streammerge.write import Writer
@@ -181,7 +181,7 @@ class _UnitRun:
     token_rows: list[tuple[torch.Tensor, torch.Tensor]]
     acc: torch.Tensor | None
     dequant: Dequantizer | None
-    requant: Requantizer | FP8Requantizer | None
+    requant: Requantizer | FP8Requantizer | MXFP4Requantizer | None
 
     @classmethod
     def start(cls, unit: WorkUnit, files: SourceFiles, out: Sink, work: Workspace, tiles: Tiles) -> _UnitRun:
@@ -205,7 +205,7 @@ class _UnitRun:
             ],
             acc=work.get("acc", ACCUMULATE, (unit.chunk_rows, unit.row_elems)) if factors else None,
             dequant=Dequantizer.load(files, unit.quant, work.device) if unit.quant else None,
-            requant=None if unit.requant is None else FP8Requantizer(unit, work) if unit.requant.quant_type == "fp8" else Requantizer(unit),
+            requant=_requantizer(unit, work),
         )
 
     @property
@@ -244,6 +244,15 @@ class _UnitRun:
         start = aligned_start(at, dtype.itemsize)
         host = torch.frombuffer(buffer, dtype=dtype, count=k * unit.row_elems, offset=start).view(k, unit.row_elems)
         return buffer, at, start, host
+
+
+def _requantizer(unit: WorkUnit, work: Workspace) -> Requantizer | FP8Requantizer | MXFP4Requantizer | None:
+    """What packs a unit's merged tiles for a quantized output (merged_4bit, merged_fp8, merged_mxfp4), if anything."""
+    if unit.requant is None:
+        return None
+    if unit.requant.quant_type == "fp8":
+        return FP8Requantizer(unit, work)
+    return MXFP4Requantizer(unit, work) if unit.requant.quant_type == "mxfp4" else Requantizer(unit)
 
 
 TileStep = Callable[[_UnitRun, int, int], int]
@@ -303,7 +312,7 @@ def _staged_tile(run: _UnitRun, row0: int, n: int) -> int:
 
 
 def _requant_tile(run: _UnitRun, row0: int, n: int) -> int:
-    """Merged in float32, then packed to 4 bit by bitsandbytes or quantized to FP8 (on the CPU or a GPU)."""
+    """Merged in float32, then packed to 4 bit by bitsandbytes or quantized to FP8 or MXFP4 (on the CPU or a GPU)."""
     unit = run.unit
     assert run.requant is not None and unit.requant is not None
     first = row0 * unit.row_elems

@@ -323,6 +323,50 @@ def dequant_mxfp4(
     return out
 
 
+FP4_MAX = 6.0
+"""Largest e2m1 magnitude: a group's dequantization scale is amax / 6 rounded up to a power of two."""
+FP4_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+"""Halfway points between consecutive e2m1 magnitudes: a magnitude at or above the i-th rounds past it."""
+
+
+def quant_mxfp4(x: torch.Tensor, k: int, work: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize whole experts of an (E, K, N) parameter, given as float32 rows ``x`` (n * K, N), to MXFP4; returns
+    (blocks uint8 (n, N, K / 32, 16), exponents uint8 (n, N, K / 32)), the layout gpt-oss stores (see
+    :func:`dequant_mxfp4`, its inverse on these codes).
+
+    The rule is triton_kernels' ``downcast_to_mxfp_torch`` (what transformers' ``quantize_to_mxfp4`` calls), in its
+    default ``ROUND_UP`` mode: per group of 32 consecutive k, ``d = amax / 6`` in float32 rounded *up* to a power of
+    two 2^(s - 127) (so no value saturates; the E8M0 byte is s; an all-zero group gets s = 0 and zero codes),
+    values multiplied by 1 / d, then each rounded to the nearest e2m1 value with ties away from zero (6 at most),
+    the sign kept (-0.0 too). Non-finite values are refused by the caller (they have no E8M0 scale).
+
+    >>> x = torch.zeros(32, 1); x[:4, 0] = torch.tensor([1.0, -2.5, 6.0, 0.74])
+    >>> blocks, s = quant_mxfp4(x, 32)
+    >>> hex(blocks[0, 0, 0, 0].item()), hex(blocks[0, 0, 0, 1].item()), s.tolist()  # 1.0, -3.0 (tie away), 6.0, 0.5
+    ('0xd2', '0x17', [[[127]]])
+    """
+    rows, cols = x.shape
+    n, groups = rows // k, k // 32
+    work = work or Workspace(x.device)
+    t = work.get("mxq", torch.float32, (n, cols, k))
+    t.copy_(x.view(n, k, cols).transpose(1, 2))  # groups of 32 run along K: make K the last dimension
+    g = t.view(n, cols, groups, 32)
+    amax = torch.maximum(g.amax(dim=-1), g.amin(dim=-1).neg_())
+    bits = (amax / FP4_MAX).view(torch.int32)
+    exponents = (bits + 0x7FFFFF) >> 23  # round the float32 up to a power of two: its biased exponent (0 for amax 0)
+    inverse = ((254 - exponents) << 23).view(torch.float32)  # 2^(127 - s), exact
+    g.mul_(torch.where(exponents > 0, inverse, torch.zeros_like(inverse))[..., None])
+    sign = torch.signbit(g, out=work.get("mxq_sign", torch.bool, tuple(g.shape)))
+    index = work.get("mxq_index", torch.int32, tuple(g.shape))
+    torch.bucketize(g.abs_(), torch.tensor(FP4_MIDPOINTS, device=x.device), right=True, out_int32=True, out=index)
+    codes = work.get("mxq_codes", torch.uint8, tuple(g.shape))
+    codes.copy_(index).add_(sign.view(torch.uint8), alpha=8)  # codes 8-15: negative
+    pairs = codes.view(n, cols, groups, 16, 2)
+    blocks = pairs[..., 1] << 4
+    blocks.bitwise_or_(pairs[..., 0])  # the low nibble holds the even element
+    return blocks, exponents.to(torch.uint8)
+
+
 class Workspace:
     """Flat device buffers reused from tile to tile (grown, never shrunk), keyed by role and dtype."""
 

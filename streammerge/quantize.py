@@ -3,8 +3,9 @@
 :class:`Dequantizer` loads a unit's statistics once (block scales, double-quantized scales, the
 code table; FP8 block scales, checked finite and positive) and dequantizes each tile from its
 stored bytes with :mod:`streammerge.kernels`; :class:`Requantizer` packs merged float32 tiles with
-bitsandbytes' own quantizer, :class:`FP8Requantizer` into FP8 with fresh block scales, and both
-produce the statistics tensors at the end of the unit, laid out as the plan fixed them.
+bitsandbytes' own quantizer, :class:`FP8Requantizer` into FP8 with fresh block scales,
+:class:`MXFP4Requantizer` whole experts into MXFP4 blocks with fresh exponents, and each produces
+the statistics tensors at the end of the unit, laid out as the plan fixed them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from streammerge.errors import BadCheckpoint
+from streammerge.errors import BadCheckpoint, StreamMergeError
 from streammerge.formats.bnb import ABSMAX, NESTED_ABSMAX, NESTED_BLOCKSIZE, NESTED_QUANT_MAP, QUANT_MAP, state_name
 from streammerge.formats.safetensors import Source
 from streammerge.inputs.mapped import SourceFiles
@@ -31,6 +32,7 @@ from streammerge.kernels import (
     fp4_pair_table,
     nibble_table,
     quant_fp8,
+    quant_mxfp4,
 )
 from streammerge.plan.model import QuantSpec, WorkUnit
 from streammerge.plan.quant import quant_state_bytes
@@ -171,6 +173,35 @@ class FP8Requantizer:
 
     def statistics(self) -> dict[str, bytes]:
         return {self.spec.scale_name: bytes(as_bytes(self.scales))}
+
+
+class MXFP4Requantizer:
+    """Quantizes a unit's merged float32 tiles (whole experts) into MXFP4 blocks; the exponents are written at the end."""
+
+    def __init__(self, unit: WorkUnit, work: Workspace) -> None:
+        assert unit.requant is not None
+        self.unit = unit
+        self.spec = unit.requant
+        self.work = work
+        self.exponents = torch.empty(self.spec.scale_shape, dtype=torch.uint8)
+
+    def tile(self, merged: torch.Tensor, first: int) -> torch.Tensor:
+        """The blocks (uint8, CPU, flat) of one merged float32 tile of whole experts."""
+        spec = self.spec
+        bad = ~torch.isfinite(merged)
+        if bool(bad.any()):
+            row, col = (int(i) for i in bad.nonzero()[0])
+            raise StreamMergeError(
+                f"{self.unit.name}: merged value at row {first // spec.logical_shape[1] + row}, column {col} is "
+                f"{float(merged[row, col])}: MXFP4 has no scale for it (check the adapter for NaN/inf)"
+            )
+        blocks, exponents = quant_mxfp4(merged, spec.block_rows, self.work)
+        e0 = first // spec.logical_shape[1] // spec.block_rows
+        self.exponents[e0 : e0 + exponents.shape[0]] = exponents.cpu()
+        return blocks.reshape(-1).cpu()
+
+    def statistics(self) -> dict[str, bytes]:
+        return {self.spec.scale_name: bytes(as_bytes(self.exponents))}
 
 
 class Requantizer:

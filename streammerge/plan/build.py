@@ -20,7 +20,7 @@ from streammerge.formats.mxfp4 import MXFP4_METHOD, MXFP4Weight
 from streammerge.formats.peft import CONFIG_NAME as ADAPTER_CONFIG
 from streammerge.formats.peft import WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
 from streammerge.formats.peft import Adapter, open_adapter
-from streammerge.formats.quantized import find_quantized
+from streammerge.formats.quantized import find_quantized, stored
 from streammerge.formats.safetensors import TensorInfo
 from streammerge.geometry import WRITE_BUFFERS
 from streammerge.hub import resolve
@@ -33,6 +33,8 @@ from streammerge.plan.quant import (
     fp8_notes,
     fp8_requant_choices,
     logical_view,
+    mxfp4_notes,
+    mxfp4_requant_choices,
     quantized_default_dtype,
     quantized_notes,
     requant_choices,
@@ -132,6 +134,11 @@ def plan(
         raise BadCheckpoint(f"{ckpt.root}: config.json says {method} but no weight has FP8 scales beside it; checkpoint incomplete?")
     if mode == "merged_fp8" and not fp8:
         raise StreamMergeError(f"{ckpt.root}: --mode merged_fp8 re-quantizes an FP8 base into its own format; this base has no FP8 weights")
+    if mode == "merged_mxfp4" and not any(isinstance(q, MXFP4Weight) for q in quantized.values()):
+        raise StreamMergeError(
+            f"{ckpt.root}: --mode merged_mxfp4 re-quantizes an MXFP4 base (gpt-oss experts) into its own format; "
+            "this base has no MXFP4 weights"
+        )
     if out_dtype == "auto" and (quantized or mode == "merged_4bit") and mode != "lora":
         out_dtype = quantized_default_dtype(ckpt.config, quantized)
     raw_tensors = ckpt.tensors
@@ -160,22 +167,29 @@ def plan(
     requant = requant_choices(ckpt, quantized, out_dtype, _fused_in_memory(ckpt)) if mode == "merged_4bit" else {}
     if mode == "merged_fp8":
         requant = fp8_requant_choices(quantized, ckpt.config)
-    # merged_4bit from a 4-bit base (merged_fp8 from an FP8 one): weights no adapter touches keep their
-    # packed bytes and statistics exactly (a dequantize/re-quantize round trip would move ~2% of their values).
-    untouched = {n: q for n, q in quantized.items() if isinstance(q, (Quant4bit, FP8Weight)) and n in requant and n not in updates.by_name}
+    if mode == "merged_mxfp4":
+        requant = mxfp4_requant_choices(quantized)
+    # merged_4bit from a 4-bit base (merged_fp8 from an FP8 one, merged_mxfp4 from MXFP4): weights no adapter
+    # touches keep their packed bytes and statistics exactly (a dequantize/re-quantize round trip would move
+    # ~2% of their values).
+    untouched = {
+        n: q
+        for n, q in quantized.items()
+        if isinstance(q, (Quant4bit, FP8Weight, MXFP4Weight)) and n in requant and n not in updates.by_name
+    }
     for name in untouched:
         del requant[name]
 
     def raw_copies(t: TensorInfo) -> list[TensorInfo]:
         q = untouched[t.name]
-        return [raw_tensors[t.name], *sorted(q.companions(), key=lambda c: c.name)]
+        return [raw_tensors[stored(q).name], *sorted(q.companions(), key=lambda c: c.name)]
 
     def kept_activation_scales(t: TensorInfo) -> list[TensorInfo]:
         """merged_fp8: a re-quantized weight's static activation scales, copied as they are."""
         q = quantized.get(t.name)
         return list(q.activation) if isinstance(q, FP8Weight) and t.name in requant else []
 
-    if requant and importlib.util.find_spec("bitsandbytes") is None:
+    if mode == "merged_4bit" and requant and importlib.util.find_spec("bitsandbytes") is None:
         raise StreamMergeError("--mode merged_4bit quantizes with bitsandbytes, which is not installed: pip install 'streammerge[quant]'")
 
     def lay_out(tile: int) -> tuple[list[WorkUnit], list[Shard]]:
@@ -205,7 +219,7 @@ def plan(
     else:
         copy_files = files_to_copy(ckpt.root, [a.root for a in opened])
         quantization = None
-        if mode == "merged_fp8":
+        if mode in ("merged_fp8", "merged_mxfp4"):
             quantization = (ckpt.config or {}).get("quantization_config")
         elif requant or untouched:
             quantization = requant_config(ckpt.config, quantized, out_dtype)
@@ -240,14 +254,15 @@ def plan(
             )
         if requant and mode == "merged_fp8":
             notes += fp8_notes(requant)
+        elif requant and mode == "merged_mxfp4":
+            notes += mxfp4_notes(requant)
         elif requant:
             notes.append(f"{len(requant)} weights are re-quantized to 4 bit ({next(iter(requant.values())).quant_type}) after merging")
         if untouched:
-            kind = (
-                "FP8 weights no adapter touches are copied with their scales"
-                if mode == "merged_fp8"
-                else "4-bit weights no adapter touches are copied packed"
-            )
+            kind = {
+                "merged_fp8": "FP8 weights no adapter touches are copied with their scales",
+                "merged_mxfp4": "MXFP4 expert weights no adapter touches are copied with their scales",
+            }.get(mode, "4-bit weights no adapter touches are copied packed")
             notes.append(f"{len(untouched)} {kind}, bit for bit")
     inputs = fingerprints(ckpt, opened, copy_files)
     if as_gguf:  # the tokenizer files are inputs of the header (fingerprinted), not copied

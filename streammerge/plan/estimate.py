@@ -69,6 +69,9 @@ GGUF_ELEM_BYTES = 4 + 4 + 4 + 12
 """GGUF output, per element of a tile: the float32 (or float16) copy, the un-permuted copy, the shifted
 copy, and ``gguf.quants``' numpy temporaries (bf16 rounding goes through uint32 and uint64 arrays;
 Q8_0 scales and rounds in float32)."""
+MXFP4_REQUANT_ELEM_BYTES = 4 + 4 + 1 + 4 + 1 + 1 + 1
+"""Per element of a tile re-quantized to MXFP4: the merged tile in float32, its transposed float32 copy, the
+signs, the int32 code indices, the codes, the packed blocks with their CPU copy, slack for the group reductions."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,7 @@ def unit_cost(u: WorkUnit) -> UnitCost:
         return UnitCost(0, 0)
     out_size = DTYPE_SIZES.get(u.out_dtype, 1)
     if u.requant is not None:
-        out_size = FP8_REQUANT_ELEM_BYTES if u.requant.quant_type == "fp8" else REQUANT_ELEM_BYTES
+        out_size = {"fp8": FP8_REQUANT_ELEM_BYTES, "mxfp4": MXFP4_REQUANT_ELEM_BYTES}.get(u.requant.quant_type, REQUANT_ELEM_BYTES)
     if u.quant is not None:
         per_row = u.row_elems * (1 + DTYPE_SIZES[u.base_dtype] + QUANT_ROW_COST[u.quant.kind] + out_size)
     else:
@@ -174,7 +177,7 @@ def estimate_run(
     prefetched = PREFETCH_TILES * in_tile_bytes(units) + (PREFETCH_TILES + 1) * 2 * ALIGN
     buffers = WRITE_BUFFERS * (out_tile_bytes(units) + ALIGN) + acc_chunk_bytes(units) + COPY_FALLBACK_BYTES + prefetched
     host = RUNTIME_BASE_BYTES + PER_UNIT_BOOKKEEPING_BYTES * len(units) + buffers + peak_unit
-    if any(u.requant and u.requant.quant_type != "fp8" for u in units):
+    if any(u.requant and u.requant.quant_type not in ("fp8", "mxfp4") for u in units):
         host += BNB_IMPORT_BYTES
     if torch_is_gpu_build():
         host += TORCH_GPU_BUILD_BYTES

@@ -16,6 +16,7 @@ from typing import Any
 
 from streammerge.errors import BadCheckpoint, OutputError, PlanMismatch
 from streammerge.formats.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, WEIGHT_SUFFIXES, Checkpoint, check_inside
+from streammerge.formats.mxfp4 import BLOCKS
 from streammerge.formats.peft import Adapter
 from streammerge.formats.quantized import Quantized, stored
 from streammerge.formats.safetensors import FLOAT_DTYPES, OutputSlot, Source, TensorInfo, build_header, tensor_nbytes
@@ -52,6 +53,7 @@ def make_unit(
     else:
         source = Source.of(t)
     shape = t.shape
+    mxfp4_out = requant is not None and requant.quant_type == "mxfp4"
     op: Op = (
         "merge"
         if lora or update.adds or update.token_rows
@@ -61,17 +63,21 @@ def make_unit(
     )
     if (op in ("merge", "dequant") or requant is not None) and len(shape) == 2:
         rows, row_elems = shape[0], shape[1]
-    elif (op == "merge" or (quant is not None and quant.kind == "mxfp4")) and requant is None and len(shape) > 2:
-        # fused experts (E, d1, d2): E * d1 rows (MXFP4: dequantized whole experts at a time)
+    elif len(shape) > 2 and (mxfp4_out or (requant is None and (op == "merge" or (quant is not None and quant.kind == "mxfp4")))):
+        # fused experts (E, d1, d2): E * d1 rows (MXFP4: dequantized / re-quantized whole experts at a time)
         rows, row_elems = math.prod(shape[:-1]), shape[-1]
     else:  # copy/cast do not care about the shape: stream the flat elements
         rows, row_elems = math.prod(shape), 1
+    name = t.name
     if requant is not None and requant.quant_type == "fp8":  # the main output is the FP8 codes
         dtype = "F8_E4M3"
+    elif mxfp4_out:  # the main output is the blocks of the (E, K, N) parameter, under the base's name
+        experts, k, n = shape
+        name, dtype, shape = t.name + BLOCKS, "U8", (experts, n, k // 32, 16)
     elif requant is not None:  # the main output is the packed codes
         dtype, shape = "U8", (math.ceil(math.prod(shape) / 2), 1)
     unit = WorkUnit(
-        name=t.name, op=op, source=source, lora=lora, out_dtype=dtype, base_dtype=base_dtype, shape=shape, rows=rows,
+        name=name, op=op, source=source, lora=lora, out_dtype=dtype, base_dtype=base_dtype, shape=shape, rows=rows,
         row_elems=row_elems, tile_rows=rows, chunk_rows=rows, work_bytes=0, quant=quant, requant=requant,
         magnitude=update.magnitude, adds=update.adds, token_rows=update.token_rows,
         combination=combination if len(lora) > 1 else "cat",

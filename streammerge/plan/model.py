@@ -26,9 +26,10 @@ from streammerge.formats.safetensors import OutputSlot, OutputTensor, Source
 PLAN_VERSION = 1
 
 Op = Literal["copy", "cast", "merge", "dequant"]
-MODES = ("merged_16bit", "merged_4bit", "merged_fp8", "lora")
+MODES = ("merged_16bit", "merged_4bit", "merged_fp8", "merged_mxfp4", "lora")
 """merged_16bit: a 16/32-bit model; merged_4bit: linear weights re-quantized with bitsandbytes (NF4);
 merged_fp8: an FP8 base's weights re-quantized into its own FP8 format and blocks, fresh scales;
+merged_mxfp4: an MXFP4 base's experts re-quantized into ``*_blocks`` + ``*_scales``, fresh exponents;
 lora: only the adapter, normalised (key names, dtype), checked against the base."""
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -159,8 +160,10 @@ class QuantSpec:
 
 @dataclass(frozen=True)
 class RequantSpec:
-    """Quantize the merged weight back to 4 bit (``--mode merged_4bit``), as bitsandbytes does, or
-    to FP8 (``--mode merged_fp8``, ``quant_type`` "fp8") with a fresh scale per block."""
+    """Quantize the merged weight back to 4 bit (``--mode merged_4bit``), as bitsandbytes does, to
+    FP8 (``--mode merged_fp8``, ``quant_type`` "fp8") with a fresh scale per block, or to MXFP4
+    (``--mode merged_mxfp4``, ``quant_type`` "mxfp4"): whole experts of an (E, K, N) parameter, seen
+    as its (E * K, N) rows, into (E, N, K / 32, 16) blocks and one fresh E8M0 exponent per 32 k."""
 
     quant_type: str
     blocksize: int
@@ -172,12 +175,12 @@ class RequantSpec:
     """Fixed length of the quant-state JSON (padded with spaces) so its offset is known at plan time."""
     block_rows: int = 0
     block_cols: int = 0
-    """FP8: the rows and columns one scale covers."""
+    """FP8: the rows and columns one scale covers; MXFP4: block_rows is K, the rows of one expert."""
     scale_name: str = ""
-    """FP8: the scale tensor written beside the weight (``X.weight_scale_inv`` or ``X.weight_scale``)."""
+    """FP8: the scale tensor written beside the weight (``X.weight_scale_inv`` or ``X.weight_scale``); MXFP4: ``X_scales``."""
     scale_dtype: str = ""
     scale_shape: tuple[int, ...] = ()
-    """FP8: the scale tensor's dtype and shape, as the base stores them."""
+    """FP8, MXFP4: the scale tensor's dtype and shape, as the base stores them."""
     scale_fmt: str = ""
     """FP8: "inverse" (block FP8: scale_inv = 1 / (448 / amax), codes = x * (448 / amax), as transformers
     quantizes), "pow2" (the same, scale_inv rounded up to a power of two: ``scale_fmt`` ue8m0) or "divide"
@@ -185,22 +188,25 @@ class RequantSpec:
 
     @property
     def blocks(self) -> int:
+        if self.quant_type == "mxfp4":  # one exponent per 32 elements
+            return math.prod(self.logical_shape) // 32
         if self.quant_type == "fp8":
             return math.ceil(self.logical_shape[0] / self.block_rows) * math.ceil(self.logical_shape[1] / self.block_cols)
         return math.ceil(self.logical_shape[0] * self.logical_shape[1] / self.blocksize)
 
     @property
     def row_step(self) -> int:
-        """Tiles start on a multiple of this many rows (FP8: whole block rows, so each block's amax is in one tile)."""
-        return self.block_rows if self.quant_type == "fp8" else 1
+        """Tiles start on a multiple of this many rows (FP8: whole block rows, so each block's amax is in one tile;
+        MXFP4: whole experts, whose groups of 32 run down the rows)."""
+        return self.block_rows if self.quant_type in ("fp8", "mxfp4") else 1
 
     def out_offset(self, first: int) -> int:
         """Byte offset in the main output of the element ``first``: one byte per FP8 code, two 4-bit codes per byte."""
         return first if self.quant_type == "fp8" else first // 2
 
     def stats(self, name: str) -> list[OutputTensor]:
-        """The statistics tensors stored beside the weight ``name``: bitsandbytes' for 4 bit, the scales for FP8."""
-        if self.quant_type == "fp8":
+        """The statistics tensors stored beside the weight ``name``: bitsandbytes' for 4 bit, the scales for FP8 and MXFP4."""
+        if self.quant_type in ("fp8", "mxfp4"):
             return [OutputTensor(self.scale_name, self.scale_dtype, self.scale_shape)]
         out = [OutputTensor(name + ABSMAX, "U8" if self.double_quant else "F32", (self.blocks,))]
         if self.double_quant:
@@ -365,7 +371,7 @@ class Plan:
     device: str
     overwrite: bool
     mode: str
-    """merged_16bit, merged_4bit, merged_fp8 or lora (see :data:`MODES`)."""
+    """merged_16bit, merged_4bit, merged_fp8, merged_mxfp4 or lora (see :data:`MODES`)."""
     flavours: tuple[tuple[str, ...], ...]
     """What each adapter holds (lora, rslora, dora, embedding lora, modules_to_save, ...)."""
     weights: tuple[float, ...]
