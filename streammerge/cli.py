@@ -682,7 +682,17 @@ def verify_cmd(out: str, against: tuple[str, str] | None, more_adapters: tuple[s
     if against and recompute:
         raise StreamMergeError("give --against or --recompute, not both")
     inputs: tuple[str, list[str]] | str | None = (against[0], [against[1], *more_adapters]) if against else None
+    if os.path.isfile(out) and _is_gguf(out):
+        raise StreamMergeError(
+            f"{out}: a GGUF file; verify checks safetensors output folders (GGUF output is written as llama.cpp's converter "
+            "writes it: load it in llama.cpp to check it)"
+        )
     _report_verify(out, "manifest" if recompute else inputs, sample)
+
+
+def _is_gguf(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 def _report_verify(out: str, against: tuple[str, list[str]] | str | None, sample: int, quiet: bool = False) -> None:

@@ -303,10 +303,25 @@ def test_refusals(tmp_path: Path) -> None:
         (broken / name).write_text(junk)
         r = run_cli("merge", str(broken), str(lora), "-o", out, "--gguf-pre", PRE)
         assert r.exit_code == 2 and "tokenizer" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    (tmp_path / "x.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    r = run_cli("verify", out)
+    assert r.exit_code == 2 and "a GGUF file; verify checks safetensors output folders" in r.stderr
     (tmp_path / "x.gguf").write_bytes(b"keep")
     r = run_cli("merge", str(base), str(lora), "-o", out, "--gguf-pre", PRE)
     assert r.exit_code == 2 and "already exists" in r.stderr and (tmp_path / "x.gguf").read_bytes() == b"keep"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")) == []
+
+
+@needs_converter
+def test_peak_rss_within_the_estimate(oracle: dict[str, Any], tmp_path: Path) -> None:
+    """The plan's peak estimate bounds the run's RSS (transformers' tokenizer read included), with small tiles."""
+    from tests.conftest import peak_rss_of
+
+    args = [str(oracle["bases"]["llama"]), str(oracle["adapters"]["llama"]), "-o", str(tmp_path / "m.gguf"), "--outtype", "q8_0",
+            "--gguf-pre", PRE, "--tile-size", "64KiB"]  # fmt: skip
+    p = streammerge.plan(*args[:2], tmp_path / "m.gguf", outtype="q8_0", gguf_pre=PRE, tile_size="64KiB")
+    assert peak_rss_of([sys.executable, "-m", "streammerge", "merge", *args, "-q"]) <= p.estimate.peak_host_bytes
+    assert (tmp_path / "m.gguf").read_bytes() == oracle["files"]["llama", "q8_0"].read_bytes()
 
 
 def test_70b_gguf_plan_is_fast_bounded_and_split(tmp_path: Path) -> None:

@@ -44,6 +44,11 @@ RUNTIME_BASE_BYTES = 320 * 2**20
 torch 2.13.0+cpu on Python 3.11 (a whole merge of a 1.5 MiB model peaked at ~250 MiB), padded."""
 BNB_IMPORT_BYTES = 160 * 2**20
 """Importing bitsandbytes (only for merged_4bit output) adds ~130 MB of resident memory here."""
+GGUF_RUNTIME_BYTES = 192 * 2**20
+"""GGUF output: transformers and tokenizers imported to read a tokenizer.json vocabulary as the converter does
+(a 21-tensor GGUF merge peaked ~90 MiB above its safetensors twin here), and the vocabulary as Python
+lists while the header is laid out (tens of MB for a 128k-token vocabulary), padded. The header bytes
+themselves are counted from the plan (held as text and as bytes)."""
 TORCH_GPU_BUILD_BYTES = 384 * 2**20
 """Importing a CUDA (or ROCm) build of torch maps more than the CPU build, GPU or not: the same
 CPU run peaked at 524 MiB with torch 2.11+cu130 against 249 MiB with 2.13.0+cpu."""
