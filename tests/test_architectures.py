@@ -269,3 +269,18 @@ def test_experts_stored_transposed_merge_like_peft(base_of: Callable[[str], Path
     assert sorted(ours) == sorted(theirs)
     for name, t in theirs.items():
         assert torch.equal(ours[name], t), name
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen3_vl_moe"])
+def test_peak_rss_with_transformers_naming_stays_under_the_estimate(family: str, base_of: Callable[[str], Path], tmp_path: Path) -> None:
+    """Naming MoE/VLM keys imports transformers into the merging process; the plan's bound counts it."""
+    import sys
+
+    from tests.conftest import peak_rss_of, run_cli
+
+    base = base_of(family)
+    adapter = make_adapter(base, tmp_path / "lora", target_modules="all-linear", target_parameters=TARGETS[family])
+    args = [str(base), str(adapter), "-o", str(tmp_path / "out")]
+    planned = json.loads(run_cli("plan", *args, "--json").output)
+    peak = peak_rss_of([sys.executable, "-m", "streammerge", "merge", *args, "-q"])
+    assert 100 * 2**20 < peak <= planned["estimate"]["peak_host_bytes"], (peak, planned["estimate"]["peak_host_bytes"])

@@ -231,7 +231,7 @@ def plan(
     vram = None if vram_budget is None else parse_size(vram_budget, "VRAM budget")
     while True:
         units, shards = lay_out(tile_bytes)
-        estimate = estimate_run(units, shards, copy_files, config, tile_bytes, device)
+        estimate = estimate_run(units, shards, copy_files, config, tile_bytes, device, updates.imported_transformers)
         over_ram = ram_budget is not None and estimate.peak_host_bytes > ram_budget
         over_vram = vram is not None and estimate.peak_device_bytes > vram
         if not (over_ram or over_vram):

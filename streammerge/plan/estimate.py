@@ -42,6 +42,10 @@ slower of the two plus the fixed costs."""
 RUNTIME_BASE_BYTES = 320 * 2**20
 """Resident memory of the interpreter with torch imported, before any tensor: 219 MiB measured with
 torch 2.13.0+cpu on Python 3.11 (a whole merge of a 1.5 MiB model peaked at ~250 MiB), padded."""
+TRANSFORMERS_NAMING_BYTES = 192 * 2**20
+"""Planning that names a checkpoint's keys through transformers (MoE, VLMs: see plan/naming.py) imports it and
+builds the model on the meta device in the merging process: +124-126 MiB measured (gpt-oss, DeepSeek-V3,
+Qwen3-VL-MoE, transformers 5.25), padded."""
 BNB_IMPORT_BYTES = 160 * 2**20
 """Importing bitsandbytes (only for merged_4bit output) adds ~130 MB of resident memory here."""
 GGUF_RUNTIME_BYTES = 192 * 2**20
@@ -165,12 +169,14 @@ def estimate_run(
     config: dict[str, Any] | None,
     tile_bytes: int,
     device: str,
+    imported_transformers: bool = False,
 ) -> Estimate:
     """Upper bounds for the run.
 
     Peak RSS = runtime (interpreter + torch) + per-unit bookkeeping + the shared buffers (the
     output tiles in flight, the second merging thread's accumulator, the copy chunk, the input
-    tiles read ahead) + the largest :func:`unit_bytes`. A GPU build of torch costs more at import;
+    tiles read ahead) + the largest :func:`unit_bytes`, + transformers when planning imported it. A GPU build of
+    torch costs more at import;
     a run on a GPU adds the CUDA runtime and the pinned staging slots.
     """
     computed = [u for u in units if u.op != "copy"]
@@ -184,6 +190,8 @@ def estimate_run(
     host = RUNTIME_BASE_BYTES + PER_UNIT_BOOKKEEPING_BYTES * len(units) + buffers + peak_unit
     if any(u.requant and u.requant.quant_type not in ("fp8", "mxfp4") for u in units):
         host += BNB_IMPORT_BYTES
+    if imported_transformers:  # resident in a merge that planned in the same process (an upper bound for `run`)
+        host += TRANSFORMERS_NAMING_BYTES
     if torch_is_gpu_build():
         host += TORCH_GPU_BUILD_BYTES
     if computed and merges_on_gpu(device):

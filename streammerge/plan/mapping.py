@@ -50,6 +50,8 @@ class Updates:
     config_edits: dict[str, Any]
     notes: tuple[str, ...]
     changes: tuple[Change, ...] = ()
+    imported_transformers: bool = False
+    """Planning imported transformers to name the checkpoint's keys: its memory stays in this process."""
     """Per adapter module, the base tensors it changes (for ``plan`` / ``inspect``)."""
 
 
@@ -197,7 +199,7 @@ def map_updates(ckpt: Checkpoint, adapters: list[Adapter], weights: list[float],
     }
     if names.used is not None:
         notes.append(f"adapter names resolved through the {names.used.source}")
-    return Updates(updates, extra, edits, tuple(notes), tuple(changes))
+    return Updates(updates, extra, edits, tuple(notes), tuple(changes), names.asked_transformers)
 
 
 def _token_rows(

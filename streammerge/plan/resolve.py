@@ -53,10 +53,13 @@ class Names:
         self._why = ""
         self.used: Naming | None = None
         """The naming, once a lookup needed it (for the plan's notes)."""
+        self.asked_transformers = False
+        """Whether working out the naming imported transformers (resident for the rest of the process)."""
 
     @property
     def naming(self) -> Naming | None:
         if self._naming is None and not self._why:
+            self.asked_transformers = True
             found = transformers_naming(self.ckpt.tensors, self.ckpt.config, self.ckpt.root)
             if isinstance(found, str):
                 self._why = found
