@@ -105,13 +105,18 @@ def _configs() -> dict[str, tuple[Any, str, torch.dtype]]:
         "gemma": (t.GemmaConfig(**SHAPE, head_dim=16), "spm", torch.bfloat16),
         "gemma2": (t.Gemma2Config(**SHAPE, head_dim=16), "spm", torch.float16),
         "gemma3_text": (t.Gemma3TextConfig(**SHAPE, head_dim=16), "spm", torch.bfloat16),
+        "gemma3_bpe": (t.Gemma3TextConfig(**SHAPE, head_dim=16), "bpe", torch.bfloat16),
+        "llama_bias": (t.LlamaConfig(**SHAPE, attention_bias=True, mlp_bias=True), "bpe", torch.float32),
     }
 
 
 CASES = [
     ("llama", "bf16"), ("llama", "f16"), ("llama", "q8_0"), ("llama_spm", "bf16"), ("llama31", "q8_0"), ("mistral", "auto"),
     ("qwen2", "bf16"), ("qwen2", "q8_0"), ("qwen3", "f16"), ("gemma", "bf16"), ("gemma2", "auto"), ("gemma3_text", "q8_0"),
+    ("gemma3_bpe", "bf16"), ("llama_bias", "q8_0"), ("llama_bias", "auto"),
 ]  # fmt: skip
+"""Besides the outtypes and tokenizers: Gemma 3 with a tokenizer.json smaller than its vocabulary (embed_tokens trimmed
+to the tokenizer's rows), and a float32 Llama with q/k/v/o and MLP biases (1-D q/k biases un-permuted, biases F32)."""
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
 
 
