@@ -5,8 +5,9 @@ gives it a small byte-level BPE tokenizer (the model's vocabulary is padded with
 as the converter pads), then, each in fresh subprocesses:
 
 * ``streammerge-gguf``: ``python -m streammerge merge BASE LORA -o OUT/model.gguf --outtype T --gguf-pre llama-bpe``;
-* ``two-step``: ``python -m streammerge merge BASE LORA -o OUT/merged`` (safetensors), then
-  ``convert_hf_to_gguf.py OUT/merged --outtype T --outfile OUT/conv.gguf`` (llama.cpp's converter from
+* ``two-step``: ``python -m streammerge merge BASE LORA -o OUT/two-step/NAME`` (safetensors, the folder named
+  like the base's, as the converter names the model after it), then
+  ``convert_hf_to_gguf.py OUT/two-step/NAME --outtype T --outfile OUT/conv.gguf`` (llama.cpp's converter from
   the llama-cpp-python sdist ``make install`` unpacks into ``.cache/sdist/llama.cpp``, run through
   ``tests/gguf_convert.py``, which only makes its BPE pre-tokenizer lookup answer ``llama-bpe``).
 
@@ -72,13 +73,16 @@ def run_once(python: str, base: Path, adapter: Path, work: Path, outtype: str, c
     bench_merge.prepare_cache(cold)
     one = bench_merge.measure([*sm, "-o", str(work / "model.gguf"), "--outtype", outtype, "--gguf-pre", PRE], work / "gguf.log")
     one_disk = folder_bytes(work / "model.gguf")
+    # the merged folder is named like the base: the converter derives general.name from the folder's name
+    merged = work / "two-step" / base.name
+    merged.parent.mkdir()
     bench_merge.prepare_cache(cold)
-    merge = bench_merge.measure([*sm, "-o", str(work / "merged")], work / "merge.log")
+    merge = bench_merge.measure([*sm, "-o", str(merged)], work / "merge.log")
     bench_merge.prepare_cache(cold)
-    conv_cmd = [python, str(REPO / "tests" / "gguf_convert.py"), str(LLAMA_CPP), PRE, str(work / "merged"), "--outtype", outtype,
+    conv_cmd = [python, str(REPO / "tests" / "gguf_convert.py"), str(LLAMA_CPP), PRE, str(merged), "--outtype", outtype,
                 "--outfile", str(work / "conv.gguf")]  # fmt: skip
     conv = bench_merge.measure(conv_cmd, work / "convert.log")
-    two_disk = folder_bytes(work / "merged") + folder_bytes(work / "conv.gguf")
+    two_disk = folder_bytes(merged) + folder_bytes(work / "conv.gguf")
     for m, log in ((one, "gguf.log"), (merge, "merge.log"), (conv, "convert.log")):
         if m.returncode != 0:
             raise SystemExit(f"a child failed ({log}):\n{bench_merge.log_tail(work / log)}")
