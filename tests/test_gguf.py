@@ -355,3 +355,40 @@ def test_70b_gguf_plan_is_fast_bounded_and_split(tmp_path: Path) -> None:
     assert {u.out_dtype for u in p.units} == {"Q8_0", "F32"} and "rope_freqs.weight" in p.shards[0].tensors
     p.save(tmp_path / "plan.json")
     assert os.path.getsize(tmp_path / "plan.json") < 64 * 2**20 and Plan.load(tmp_path / "plan.json") == p
+
+
+@needs_converter
+def test_adapter_tokenizer_and_resized_vocabulary(oracle: dict[str, Any], tmp_path: Path) -> None:
+    """An adapter that added tokens (its own tokenizer files) and resized the vocabulary (embed_tokens and lm_head saved
+    whole): the GGUF is converted from the merged folder's view (the adapter's tokenizer, config.json with the new
+    vocab_size), so it equals the converter run on streammerge's safetensors merge."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = oracle["bases"]["llama"]
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.add_tokens(["<|tool|>", "llamerge"], special_tokens=False)
+    tok.add_special_tokens({"additional_special_tokens": ["<|call|>"]})
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model.resize_token_embeddings(336)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    )
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    tok.save_pretrained(adapter)
+    merged = tmp_path / "st" / base.name
+    merged.parent.mkdir()
+    streammerge.run(streammerge.plan(base, [adapter], merged))
+    convert([[str(merged), "--outtype", "bf16", "--outfile", str(tmp_path / "theirs.gguf")]])
+    out = tmp_path / "ours.gguf"
+    streammerge.run(streammerge.plan(base, [adapter], out, outtype="bf16", gguf_pre=PRE))
+    assert_same_gguf(out, tmp_path / "theirs.gguf")
+    import gguf
+
+    fields = gguf.GGUFReader(out).fields
+    assert fields["llama.vocab_size"].contents() == 336 and "<|call|>" in fields["tokenizer.ggml.tokens"].contents()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -571,18 +570,6 @@ def embedding_rows(d: str, h: dict[str, Any]) -> int:
         return len(_sentencepiece_vocab(h, p)[0])
     tj = _json(p / "tokenizer.json")
     return len(tj["model"]["vocab"]) + len(tj["added_tokens"])
-
-
-def tokenizer_dir(base: str, adapters: Iterable[str]) -> str:
-    """Where the tokenizer comes from: the last adapter folder that has one (tokenizer.json or
-    tokenizer.model), as the merged folder would hold its tokenizer files, else the base."""
-    chosen = base
-    for a in adapters:
-        if any(os.path.isfile(os.path.join(a, n)) for n in ("tokenizer.json", "tokenizer.model")):
-            chosen = a
-    if not any(os.path.isfile(os.path.join(chosen, n)) for n in ("tokenizer.json", "tokenizer.model")):
-        raise BadCheckpoint(f"{base}: no tokenizer.json or tokenizer.model; GGUF output needs the tokenizer")
-    return chosen
 
 
 def _json(path: Path) -> dict[str, Any]:

@@ -206,9 +206,8 @@ def plan(
                 specs += [make_unit(a, BaseUpdate(), "auto", tile) for a in kept_activation_scales(t)]
         if as_gguf:
             placed, gguf_shards, gguf_notes[:] = gguf_layout(
-                specs, ckpt.config, GGUFOptions(outtype, gguf_pre), out_path, max_shard_bytes, tile, ckpt.root,
-                [a.root for a in opened],
-            )  # fmt: skip
+                specs, config, GGUFOptions(outtype, gguf_pre), out_path, max_shard_bytes, tile, ckpt.root, copy_files
+            )
             return placed, gguf_shards
         return layout_shards(specs, max_shard_bytes)
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import json
 import math
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ import numpy as np
 from streammerge.errors import BadCheckpoint, OutputError, StreamMergeError
 from streammerge.formats import gguf as meta
 from streammerge.plan.layout import size_tiles
-from streammerge.plan.model import GGUF_HEADER_PREFIX, GGUFSpec, Shard, WorkUnit
+from streammerge.plan.model import GGUF_HEADER_PREFIX, CopyFile, GGUFSpec, Shard, WorkUnit
 
 OUTTYPE_CHOICES = ("auto", *meta.OUTTYPES)
 
@@ -79,20 +81,52 @@ def gguf_layout(
     out: str,
     max_shard_bytes: int,
     tile_bytes: int,
-    card_dir: str,
-    adapters: Sequence[str],
+    base: str,
+    files: Sequence[CopyFile],
 ) -> tuple[list[WorkUnit], list[Shard], list[str]]:
     """Turn the merge's units (unplaced, in checkpoint order) into GGUF units with their places.
 
-    ``card_dir`` is the base folder (config, model card); the tokenizer comes from the last adapter
-    folder that has one, else the base (:func:`streammerge.formats.gguf.tokenizer_dir`). Returns the
-    units, the shards (files named as gguf-split names them when ``max_shard_bytes`` is not 0) and
-    notes for the plan.
+    ``config`` is the merged model's config.json and ``files`` the other files a safetensors merge of
+    ``base`` would write beside it (tokenizer files, an adapter's winning over the base's; generation
+    config; model card): the metadata is read from that view of the merged folder, as the converter
+    reads the merged folder. Returns the units, the shards (files named as gguf-split names them when
+    ``max_shard_bytes`` is not 0) and notes for the plan.
     """
     if config is None:
-        raise BadCheckpoint(f"{card_dir}: no config.json; GGUF output needs the architecture and hyperparameters")
-    arch_name, family = meta.family_of(config, card_dir)
-    tokenizer_dir = meta.tokenizer_dir(card_dir, adapters)
+        raise BadCheckpoint(f"{base}: no config.json; GGUF output needs the architecture and hyperparameters")
+    meta.family_of(config, base)
+    with tempfile.TemporaryDirectory(prefix="streammerge-gguf-") as tmp:
+        view = _merged_view(tmp, base, config, files)
+        try:
+            return _layout(units, config, opts, out, max_shard_bytes, tile_bytes, view)
+        except StreamMergeError as e:  # name the folders the user gave, not the temporary view
+            raise type(e)(str(e).replace(view, f"{base} (merged with its adapters)")) from e
+
+
+def _merged_view(tmp: str, base: str, config: dict[str, Any], files: Sequence[CopyFile]) -> str:
+    """A folder named like ``base`` holding links to ``files`` and the merged config.json."""
+    view = os.path.join(tmp, os.path.basename(base.rstrip(os.sep)) or "model")
+    os.makedirs(view)
+    for f in files:
+        os.symlink(f.src, os.path.join(view, f.dst))
+    with open(os.path.join(view, "config.json"), "w", encoding="utf-8") as fh:
+        json.dump(config, fh)
+    if not any(os.path.isfile(os.path.join(view, n)) for n in ("tokenizer.json", "tokenizer.model")):
+        raise BadCheckpoint(f"{base}: no tokenizer.json or tokenizer.model (base or adapter folders); GGUF output needs the tokenizer")
+    return view
+
+
+def _layout(
+    units: Sequence[WorkUnit],
+    config: dict[str, Any],
+    opts: GGUFOptions,
+    out: str,
+    max_shard_bytes: int,
+    tile_bytes: int,
+    view: str,
+) -> tuple[list[WorkUnit], list[Shard], list[str]]:
+    arch_name, family = meta.family_of(config, view)
+    card_dir = tokenizer_dir = view
     h = meta.hparams_of(config)
     names = gguf.get_tensor_name_map(family.arch, meta.block_count(h))
     ftype = file_type(opts.outtype, units)
