@@ -6,8 +6,9 @@ converter). llama.cpp comes from llama-cpp-python, which ``make test`` builds fr
 tests are skipped and say why.
 
 The reference is transformers in float32 on the PEFT-merged model (merged in the model's dtype, as the
-GGUF was). With f32 tensors llama.cpp agrees to float32 rounding of a different summation order; with
-f16/bf16/q8_0 tensors its CPU kernels also round the activations to that type, hence the looser bounds.
+GGUF was). With f32 tensors and an F32 KV cache llama.cpp agrees to float32 rounding of a different
+summation order; with f16/bf16/q8_0 tensors its CPU kernels also round the activations to that type,
+hence the looser bounds.
 Every case also checks that the adapter moves the logits by much more than the bound.
 """
 
@@ -31,13 +32,17 @@ CASES = [
     ("llama", "f32"), ("llama", "bf16"), ("llama", "q8_0"), ("llama31", "f16"), ("mistral", "f32"), ("qwen2", "f32"),
     ("qwen2", "q8_0"), ("qwen3", "bf16"), ("gemma", "f32"), ("gemma2", "f32"), ("gemma3_text", "f16"),
 ]  # fmt: skip
-TOLERANCE = {"f32": 3e-3, "f16": 2e-2, "bf16": 4e-2, "q8_0": 4e-2}
-"""max |llama.cpp - transformers| over max |transformers| of the logits."""
+TOLERANCE = {"f32": 1e-5, "f16": 2e-2, "bf16": 4e-2, "q8_0": 4e-2}
+"""max |llama.cpp - transformers| over max |transformers| of the logits (measured: f32 3e-7 to 5e-7, f16 4e-4,
+bf16 4e-3 to 5e-3, q8_0 1.7e-2 to 2.4e-2)."""
+GELU_F32 = 3e-3
+"""Gemma's f32 bound: llama.cpp's CPU GELU reads a float16 table (measured 1.2e-5 Gemma, 1.3e-3 Gemma 2)."""
 TOKENS = [5, 17, 42, 99, 150, 220, 7, 260, 33, 64]
 
 
 def llama_cpp_logits(path: Path) -> torch.Tensor:
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=32, n_batch=32, logits_all=True, n_threads=2, verbose=False)
+    # an F32 KV cache (type 0): llama.cpp's default F16 cache would round every key and value
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=32, n_batch=32, logits_all=True, n_threads=2, verbose=False, type_k=0, type_v=0)
     llm.eval(TOKENS)
     logits = torch.tensor(np.array(llm.scores[: len(TOKENS)]), dtype=torch.float32)
     llm.close()
@@ -82,8 +87,9 @@ def test_llama_cpp_runs_the_gguf_like_transformers(tmp_path: Path, monkeypatch: 
     error = (got - want).abs().max().item() / scale
     effect = (transformers_logits(base) - want).abs().max().item() / scale
     print(f"{family} {outtype}: relative error {error:.2e}, adapter effect {effect:.2e}")
-    assert error < TOLERANCE[outtype], (error, effect)
-    assert effect > 10 * TOLERANCE[outtype], (error, effect)  # the adapter is visible through llama.cpp
+    bound = GELU_F32 if outtype == "f32" and family.startswith("gemma") else TOLERANCE[outtype]
+    assert error < bound, (error, effect)
+    assert effect > 10 * bound, (error, effect)  # the adapter is visible through llama.cpp
 
 
 def test_llama_cpp_loads_split_files_like_one(tmp_path: Path) -> None:
