@@ -28,7 +28,7 @@ from streammerge.geometry import (
     in_tile_bytes,
     out_tile_bytes,
 )
-from streammerge.plan.model import CopyFile, Estimate, LoraTerm, Shard, WorkUnit
+from streammerge.plan.model import GGUF_HEADER_PREFIX, CopyFile, Estimate, LoraTerm, Shard, WorkUnit
 from streammerge.probe import merges_on_gpu, torch_is_gpu_build
 
 RATES = {"startup_s": 0.2, "read_bytes_per_s": 1.0e9, "write_bytes_per_s": 0.45e9, "merge_s_per_elem": 2e-9, "dequant_s_per_elem": 2.5e-9}
@@ -175,8 +175,8 @@ def estimate_run(
 
     Peak RSS = runtime (interpreter + torch) + per-unit bookkeeping + the shared buffers (the
     output tiles in flight, the second merging thread's accumulator, the copy chunk, the input
-    tiles read ahead) + the largest :func:`unit_bytes`, + transformers when planning imported it. A GPU build of
-    torch costs more at import;
+    tiles read ahead) + the largest :func:`unit_bytes`, + transformers when planning imported it, + the tokenizer's
+    import and the header for GGUF output. A GPU build of torch costs more at import;
     a run on a GPU adds the CUDA runtime and the pinned staging slots.
     """
     computed = [u for u in units if u.op != "copy"]
@@ -192,6 +192,9 @@ def estimate_run(
         host += BNB_IMPORT_BYTES
     if imported_transformers:  # resident in a merge that planned in the same process (an upper bound for `run`)
         host += TRANSFORMERS_NAMING_BYTES
+    gguf_headers = [len(s.header) for s in shards if s.header.startswith(GGUF_HEADER_PREFIX)]
+    if gguf_headers:  # the tokenizer's import, the headers held as base64 text, one as bytes while it is written
+        host += GGUF_RUNTIME_BYTES + sum(gguf_headers) + max(gguf_headers)
     if torch_is_gpu_build():
         host += TORCH_GPU_BUILD_BYTES
     if computed and merges_on_gpu(device):
