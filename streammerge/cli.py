@@ -12,7 +12,8 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -126,6 +127,23 @@ _resume_option = click.option(
     "--resume", is_flag=True, help="Continue an interrupted run of the same command from OUT.partial (only unfinished tensors are redone)."
 )
 _quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+
+
+@contextmanager
+def _bar(label: str, quiet: bool) -> Iterator[Callable[[int, int, str], None] | None]:
+    """A byte progress bar on stderr for the block (None when quiet), its line ended afterwards."""
+    if quiet:
+        yield None
+        return
+    from streammerge.progress import ProgressBar
+
+    bar = ProgressBar(label)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
 _out_option = click.option(
     "-o",
     "--out",
@@ -613,7 +631,8 @@ def finish_cmd(plan_file: str) -> None:
 @click.option("--threads", default=None, type=int, help="Compressing threads (default: one per CPU).")
 @click.option("--chunk-size", default="16MiB", show_default=True, help="Raw bytes per compressed chunk (memory: about 2 x threads chunks).")
 @_overwrite_option
-def pack_cmd(src: str, dest: str | None, level: int, threads: int | None, chunk_size: str, overwrite: bool) -> None:
+@_quiet_option
+def pack_cmd(src: str, dest: str | None, level: int, threads: int | None, chunk_size: str, overwrite: bool, quiet: bool) -> None:
     """Pack a model folder for transfer: byte-grouped zstd per chunk (bf16: ~1.4x smaller), lossless.
 
     \b
@@ -623,7 +642,12 @@ def pack_cmd(src: str, dest: str | None, level: int, threads: int | None, chunk_
     """
     from streammerge.pack import pack
 
-    r = pack(src, dest, level=level, threads=threads, chunk_bytes=parse_size(chunk_size, "chunk size"), overwrite=overwrite)
+    with _bar("packing", quiet) as bar:
+        r = pack(
+            src, dest, level=level, threads=threads, chunk_bytes=parse_size(chunk_size, "chunk size"), overwrite=overwrite, progress=bar
+        )
+    if quiet:
+        return
     click.echo(
         f"packed {r.src} into {r.dest}: {format_bytes(r.raw_bytes)} -> {format_bytes(r.packed_bytes)} ({r.ratio:.3f}x) "
         f"in {r.seconds:.1f} s ({format_bytes(int(r.raw_bytes / max(r.seconds, 1e-9)))}/s)",
@@ -636,11 +660,15 @@ def pack_cmd(src: str, dest: str | None, level: int, threads: int | None, chunk_
 @click.option("-o", "--out", "dest", required=True, type=click.Path(), help="Folder to restore into (written atomically).")
 @click.option("--threads", default=None, type=int, help="Decompressing threads (default: one per CPU).")
 @_overwrite_option
-def unpack_cmd(src: str, dest: str, threads: int | None, overwrite: bool) -> None:
+@_quiet_option
+def unpack_cmd(src: str, dest: str, threads: int | None, overwrite: bool, quiet: bool) -> None:
     """Restore a folder packed by `streammerge pack`: the same bytes, each tensor checked against the manifest's CRC-32."""
     from streammerge.pack import unpack
 
-    r = unpack(src, dest, threads=threads, overwrite=overwrite)
+    with _bar("unpacking", quiet) as bar:
+        r = unpack(src, dest, threads=threads, overwrite=overwrite, progress=bar)
+    if quiet:
+        return
     checked = f"{r.checked_tensors} tensors match the manifest's CRC-32" if r.checked_tensors else "no manifest: chunk CRC-32s checked"
     click.echo(
         f"unpacked {r.src} into {r.dest}: {format_bytes(r.raw_bytes)} in {r.seconds:.1f} s "

@@ -153,8 +153,17 @@ def _ordered(jobs: Iterator[Any], work: Callable[[Any], Any], threads: int) -> I
             yield job0, done.result()
 
 
-def pack_file(src: str, dest: str, *, level: int = DEFAULT_LEVEL, threads: int | None = None, chunk_bytes: int = CHUNK_BYTES) -> int:
-    """Pack one safetensors file into ``dest`` (an ``.smz``); returns the packed size."""
+def pack_file(
+    src: str,
+    dest: str,
+    *,
+    level: int = DEFAULT_LEVEL,
+    threads: int | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
+    on_chunk: Callable[[int, str], None] | None = None,
+) -> int:
+    """Pack one safetensors file into ``dest`` (an ``.smz``); returns the packed size.
+    ``on_chunk(raw_bytes, tensor)`` is called as each chunk is written."""
     zstd = _zstd()
     threads = threads or os.cpu_count() or 1
     local = threading.local()
@@ -185,6 +194,8 @@ def pack_file(src: str, dest: str, *, level: int = DEFAULT_LEVEL, threads: int |
                     entry["planes"].append([pos, len(data), codec])
                     pos += len(data)
                 index.append(entry)
+                if on_chunk is not None:
+                    on_chunk(n, tensor)
             text = json.dumps(
                 {"format": FORMAT, "file": os.path.basename(src), "size": os.fstat(fd).st_size, "level": level, "chunks": index},
                 separators=(",", ":"),
@@ -262,10 +273,11 @@ def read_index(path: str) -> dict[str, Any]:
     return index
 
 
-def unpack_file(src: str, dest: str, *, threads: int | None = None) -> dict[str, int]:
+def unpack_file(src: str, dest: str, *, threads: int | None = None, on_chunk: Callable[[int, str], None] | None = None) -> dict[str, int]:
     """Restore the safetensors file packed in ``src`` to ``dest``; returns each tensor's CRC-32.
 
-    Every chunk is checked against its CRC-32 (BadCheckpoint naming the tensor when one differs)."""
+    Every chunk is checked against its CRC-32 (BadCheckpoint naming the tensor when one differs).
+    ``on_chunk(raw_bytes, tensor)`` is called as each chunk is restored."""
     zstd = _zstd()
     index = read_index(src)
     threads = threads or os.cpu_count() or 1
@@ -308,6 +320,8 @@ def unpack_file(src: str, dest: str, *, threads: int | None = None) -> dict[str,
                 if span[0] + span[1] != c["at"]:
                     raise BadCheckpoint(f"{src}: tensor {c['tensor']} is in pieces that are not one after another")
                 span[1] += c["n"]
+            if on_chunk is not None:
+                on_chunk(c["n"], c["tensor"])
         os.fsync(out)
     finally:
         os.close(fd)
@@ -351,8 +365,10 @@ def pack(
     threads: int | None = None,
     chunk_bytes: int = CHUNK_BYTES,
     overwrite: bool = False,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> PackReport:
     """Pack the model folder ``src`` into ``dest`` (default ``SRC.smpack``), atomically.
+    ``progress(done, total, tensor)`` (raw bytes of the safetensors files) follows the chunks.
 
     Example::
 
@@ -378,11 +394,14 @@ def pack(
         raise BadCheckpoint(f"{src}: no .safetensors files to pack")
     partial = _fresh(dest, overwrite)
     raw = packed = 0
+    on_chunk = _tracker(progress, sum(os.path.getsize(os.path.join(src, n)) for n in names))
     try:
         for name in sorted(os.listdir(src)):
             path = os.path.join(src, name)
             if name in names:
-                packed += pack_file(path, os.path.join(partial, name + SUFFIX), level=level, threads=threads, chunk_bytes=chunk_bytes)
+                packed += pack_file(
+                    path, os.path.join(partial, name + SUFFIX), level=level, threads=threads, chunk_bytes=chunk_bytes, on_chunk=on_chunk
+                )
                 raw += os.path.getsize(path)
             elif os.path.isfile(path) and not name.startswith("."):
                 shutil.copyfile(path, os.path.join(partial, name))
@@ -411,16 +430,38 @@ def _expected_crcs(src: str, manifest: dict[str, Any] | None) -> dict[str, tuple
     return expected
 
 
+def _tracker(progress: Callable[[int, int, str], None] | None, total: int) -> Callable[[int, str], None] | None:
+    """A per-chunk callback that adds up the bytes for ``progress(done, total, tensor)``."""
+    if progress is None:
+        return None
+    done = 0
+
+    def on_chunk(n: int, tensor: str) -> None:
+        nonlocal done
+        done += n
+        progress(done, total, tensor or "header")
+
+    return on_chunk
+
+
 def _check_apart(src: str, dest: str) -> None:
     a, b = os.path.realpath(src), os.path.realpath(dest)
     if a == b or b.startswith(a + os.sep) or a.startswith(b + os.sep):
         raise OutputError(f"{dest}: the output must not be {src}, lie inside it or hold it")
 
 
-def unpack(src: str | os.PathLike[str], dest: str | os.PathLike[str], *, threads: int | None = None, overwrite: bool = False) -> PackReport:
+def unpack(
+    src: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    *,
+    threads: int | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> PackReport:
     """Restore a folder packed by :func:`pack` into ``dest``, atomically: the same bytes, every tensor
     checked against the manifest's CRC-32 (when the folder has a streammerge manifest) and every
-    chunk against its own. BadCheckpoint naming the file and tensor on any mismatch."""
+    chunk against its own. BadCheckpoint naming the file and tensor on any mismatch.
+    ``progress(done, total, tensor)`` (raw bytes restored) follows the chunks."""
     import time
 
     src, dest, start = os.fspath(src), os.fspath(dest), time.perf_counter()
@@ -444,12 +485,13 @@ def unpack(src: str | os.PathLike[str], dest: str | os.PathLike[str], *, threads
     partial = _fresh(dest, overwrite)
     raw = packed = 0
     seen: set[str] = set()
+    on_chunk = _tracker(progress, need)
     try:
         for name in names:
             path = os.path.join(src, name)
             if name in packed_names:
                 target = name[: -len(SUFFIX)]
-                crcs = unpack_file(path, os.path.join(partial, target), threads=threads)
+                crcs = unpack_file(path, os.path.join(partial, target), threads=threads, on_chunk=on_chunk)
                 for tensor, crc in crcs.items():
                     if not expected:
                         continue

@@ -48,6 +48,25 @@ def test_merge_pack_then_unpack_is_byte_identical_and_checked(merged: Path, tmp_
     assert run_cli("verify", str(tmp_path / "again")).exit_code == 0
 
 
+def test_progress_follows_the_bytes_and_quiet_is_silent(merged: Path, tmp_path: Path) -> None:
+    """pack and unpack report every raw byte once, in order, to the last; `-q` prints nothing, the default a bar and a summary."""
+    raw = sum(p.stat().st_size for p in merged.glob("*.safetensors"))
+    for run in (
+        lambda bar: packing.pack(merged, tmp_path / "p", chunk_bytes=64 * 2**10, threads=2, progress=bar),
+        lambda bar: packing.unpack(tmp_path / "p", tmp_path / "u", threads=2, progress=bar),
+    ):
+        calls: list[tuple[int, int, str]] = []
+        run(lambda done, total, name, calls=calls: calls.append((done, total, name)))
+        done = [c[0] for c in calls]
+        assert len(calls) > 4 and done == sorted(done) and done[-1] == raw and {c[1] for c in calls} == {raw}
+        assert "header" in {c[2] for c in calls} and "model.layers.1.mlp.down_proj.weight" in {c[2] for c in calls}
+    quiet = run_cli("pack", str(merged), "-o", str(tmp_path / "q"), "-q")
+    assert quiet.exit_code == 0 and quiet.stderr == "" and quiet.stdout == ""
+    loud = run_cli("unpack", str(tmp_path / "q"), "-o", str(tmp_path / "q2"))
+    assert loud.exit_code == 0 and "unpacking 100%" in loud.stderr and loud.stderr.rstrip().splitlines()[-1].startswith("unpacked ")
+    assert digest(tmp_path / "q2") == digest(merged)
+
+
 def test_byte_groups_beat_plain_zstd_on_bf16(merged: Path, tmp_path: Path) -> None:
     raw = sum(p.stat().st_size for p in merged.glob("*.safetensors"))
     plain = sum(len(zstandard.ZstdCompressor(level=3).compress(p.read_bytes())) for p in merged.glob("*.safetensors"))
@@ -194,7 +213,9 @@ def test_hostile_pack_indexes_are_refused_in_one_line(case: str, tmp_path: Path)
     _rewrite_index(tmp_path / "p" / "model.safetensors.smz", change)
     r = run_cli("unpack", str(tmp_path / "p"), "-o", str(tmp_path / "u"))
     assert r.exit_code == 2 and message in r.stderr and "model.safetensors.smz" in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()  # the progress lines so far, then the error in one line
+    assert lines[-1].startswith("streammerge: error: ") and all(line.startswith("unpacking ") for line in lines[:-1])
+    assert "Traceback" not in r.stderr
     assert not (tmp_path / "u").exists() and not (tmp_path / "u.partial").exists()
 
 
