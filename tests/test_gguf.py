@@ -89,6 +89,20 @@ def spm_tokenizer(path: Path) -> None:
     (path / "tokenizer_config.json").write_text(json.dumps(config))
 
 
+def hf_tokenizer(path: Path) -> None:
+    """A sentencepiece vocabulary as transformers saves it: tokenizer.json only (BPE, byte fallback), no tokenizer.model,
+    as many Llama 2 derivatives ship; the converter reads it through gguf's LlamaHfVocab, which (unlike the
+    tokenizer.model path) does not pad the vocabulary to vocab_size: the model has the tokenizer's 300 rows."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spm_tokenizer(Path(tmp))
+        AutoTokenizer.from_pretrained(tmp).save_pretrained(path)
+    assert not (path / "tokenizer.model").exists() and (path / "tokenizer.json").is_file()
+
+
 def _configs() -> dict[str, tuple[Any, str, torch.dtype]]:
     """family -> (config, tokenizer kind, model dtype)."""
     import transformers as t
@@ -98,6 +112,7 @@ def _configs() -> dict[str, tuple[Any, str, torch.dtype]]:
     return {
         "llama": (t.LlamaConfig(**SHAPE, bos_token_id=0, eos_token_id=1), "bpe", torch.bfloat16),
         "llama_spm": (t.LlamaConfig(**SHAPE, bos_token_id=1, eos_token_id=2), "spm", torch.bfloat16),
+        "llama_hf": (t.LlamaConfig(**{**SHAPE, "vocab_size": 300}, bos_token_id=1, eos_token_id=2), "hf", torch.bfloat16),
         "llama31": (t.LlamaConfig(**SHAPE, rope_scaling=rope31, tie_word_embeddings=True), "bpe", torch.bfloat16),
         "mistral": (t.MistralConfig(**SHAPE, head_dim=16), "spm", torch.float16),
         "qwen2": (t.Qwen2Config(**SHAPE), "bpe", torch.bfloat16),
@@ -111,7 +126,7 @@ def _configs() -> dict[str, tuple[Any, str, torch.dtype]]:
 
 
 CASES = [
-    ("llama", "bf16"), ("llama", "f16"), ("llama", "q8_0"), ("llama_spm", "bf16"), ("llama31", "q8_0"), ("mistral", "auto"),
+    ("llama", "bf16"), ("llama", "f16"), ("llama", "q8_0"), ("llama_spm", "bf16"), ("llama_hf", "f16"), ("llama31", "q8_0"), ("mistral", "auto"),
     ("qwen2", "bf16"), ("qwen2", "q8_0"), ("qwen3", "f16"), ("gemma", "bf16"), ("gemma2", "auto"), ("gemma3_text", "q8_0"),
     ("gemma3_bpe", "bf16"), ("llama_bias", "q8_0"), ("llama_bias", "auto"),
 ]  # fmt: skip
@@ -136,7 +151,7 @@ def make_family(family: str, root: Path) -> Path:
                 p.add_(torch.randn_like(p) * 0.1)
     path = root / family
     model.save_pretrained(path)
-    (bpe_tokenizer if kind == "bpe" else spm_tokenizer)(path)
+    {"bpe": bpe_tokenizer, "spm": spm_tokenizer, "hf": hf_tokenizer}[kind](path)
     return path
 
 
@@ -202,6 +217,10 @@ def test_gguf_equals_converter_on_peft_merge(oracle: dict[str, Any], tmp_path: P
     out = tmp_path / f"{family}.gguf"
     p = streammerge.plan(oracle["bases"][family], [oracle["adapters"][family]], out, outtype=outtype, gguf_pre=PRE)
     assert p.format == "gguf" and len(p.shards) == 1
+    # Gemma 3 with a 305-token tokenizer.json: the converter trims embed_tokens to 305 rows but pads the token list to
+    # vocab_size (320), so llama.cpp refuses its file, and streammerge's (the same) comes with a warning.
+    warned = [n for n in p.notes if n.startswith("warning")]
+    assert len(warned) == (family == "gemma3_bpe") and all("320 tokens but model.embed_tokens.weight has 305 rows" in n for n in warned)
     streammerge.run(p)
     assert_same_gguf(out, oracle["files"][family, outtype])
     assert sorted(os.listdir(tmp_path)) == [out.name]  # no partial folder, no config or tokenizer files
@@ -355,6 +374,21 @@ def test_70b_gguf_plan_is_fast_bounded_and_split(tmp_path: Path) -> None:
     assert {u.out_dtype for u in p.units} == {"Q8_0", "F32"} and "rope_freqs.weight" in p.shards[0].tensors
     p.save(tmp_path / "plan.json")
     assert os.path.getsize(tmp_path / "plan.json") < 64 * 2**20 and Plan.load(tmp_path / "plan.json") == p
+
+
+@needs_converter
+def test_tokenizer_shorter_than_the_embedding_is_warned_of(oracle: dict[str, Any], tmp_path: Path) -> None:
+    """A tokenizer.json-only vocabulary (300 tokens) beside a 320-row embedding: the converter writes a file llama.cpp
+    refuses (its LlamaHfVocab path does not pad); streammerge writes the same file but says so in the plan, naming the tensor."""
+    base = tmp_path / "llama"
+    shutil.copytree(oracle["bases"]["llama_spm"], base)
+    (base / "tokenizer.model").unlink()
+    tokenizer_files(oracle["bases"]["llama_hf"], base)
+    p = streammerge.plan(base, [oracle["adapters"]["llama_spm"]], tmp_path / "m.gguf")
+    warning = [n for n in p.notes if n.startswith("warning")]
+    assert len(warning) == 1 and "300 tokens but model.embed_tokens.weight has 320 rows; llama.cpp will refuse" in warning[0]
+    r = run_cli("plan", str(base), str(oracle["adapters"]["llama_spm"]), "-o", str(tmp_path / "m.gguf"))
+    assert r.exit_code == 0 and "300 tokens but model.embed_tokens.weight has 320 rows" in r.output + r.stderr
 
 
 @needs_converter

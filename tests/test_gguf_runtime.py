@@ -29,7 +29,8 @@ from tests.test_gguf import PRE, TARGETS, make_family
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make test builds it from its sdist)")
 
 CASES = [
-    ("llama", "f32"), ("llama", "bf16"), ("llama", "q8_0"), ("llama31", "f16"), ("mistral", "f32"), ("qwen2", "f32"),
+    ("llama", "f32"), ("llama", "bf16"), ("llama", "q8_0"), ("llama_hf", "f16"), ("llama31", "f16"), ("mistral", "f32"),
+    ("qwen2", "f32"),
     ("qwen2", "q8_0"), ("qwen3", "bf16"), ("gemma", "f32"), ("gemma2", "f32"), ("gemma3_text", "f16"),
 ]  # fmt: skip
 TOLERANCE = {"f32": 1e-5, "f16": 2e-2, "bf16": 4e-2, "q8_0": 4e-2}

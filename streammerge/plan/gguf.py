@@ -150,6 +150,7 @@ def _layout(
         assert u.gguf is not None
         w.add_tensor_info(u.name, u.shape, np.dtype(np.float32), u.nbytes, raw_dtype=gguf.GGMLQuantizationType[u.gguf.qtype])
     meta.add_metadata(w, arch_name, family, config, ftype, card_dir, tokenizer_dir, opts.pre)
+    vocab_notes = _vocab_mismatch(w, converted)
     heads = w.headers()
     files = shard_files(out, len(w.tensors))
     by_name = {u.name: u for u in converted}
@@ -180,7 +181,21 @@ def _layout(
         f"GGUF {gguf.MODEL_ARCH_NAMES[family.arch]} ({arch_name}), file type {ftype.name.partition('_')[2]}: "
         f"{len(placed) + len(constants)} tensors in {len(shards)} file(s), as llama.cpp's convert_hf_to_gguf.py converts the merged model"
     ]
-    return placed, shards, notes
+    return placed, shards, notes + vocab_notes
+
+
+def _vocab_mismatch(w: gguf.GGUFWriter, units: Sequence[WorkUnit]) -> list[str]:
+    """A warning when the tokenizer lists fewer or more tokens than the embedding has rows: llama.cpp refuses to
+    load such a file (``token_embd.weight has wrong shape``), as it refuses the converter's (which writes the same)."""
+    field = w.kv_data[0].get(gguf.Keys.Tokenizer.LIST)
+    embedding = next((u for u in units if u.name == gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight"), None)
+    if field is None or embedding is None or len(field.value) == embedding.shape[0]:  # rows as written (Gemma 3 trims them)
+        return []
+    return [
+        f"warning: the tokenizer has {len(field.value)} tokens but {embedding.gguf.hf_name if embedding.gguf else embedding.name} "
+        f"has {embedding.shape[0]} rows; llama.cpp will refuse to load this file (as it would the converter's): give the "
+        "model a tokenizer with one token per row (or resize the embeddings to the tokenizer)"
+    ]
 
 
 def _convert(
