@@ -18,18 +18,19 @@ MANIFEST_FILE = "streammerge-manifest.json"
 FORMAT = "streammerge-manifest/1"
 
 
-def build_manifest(plan: Plan, crcs: dict[str, int]) -> dict[str, Any]:
-    """The manifest of ``plan``'s output, given every tensor's CRC-32 by name."""
-    tensors = {}
-    for u in plan.units:
+def build_manifest(plan: Plan, crcs: dict[str, int], *, tensors: bool = True) -> dict[str, Any]:
+    """The manifest of ``plan``'s output, given every tensor's CRC-32 by name (``tensors=False``: without the tensors,
+    to compare what a finished output was made with)."""
+    listed = {}
+    for u in plan.units if tensors else ():
         for name, offset, nbytes in ((u.name, u.offset, u.nbytes), *((x.name, x.offset, x.nbytes) for x in u.extra)):
-            tensors[name] = {"file": plan.shards[u.shard].file, "offset": offset, "bytes": nbytes, "crc32": crcs[name]}
+            listed[name] = {"file": plan.shards[u.shard].file, "offset": offset, "bytes": nbytes, "crc32": crcs[name]}
     return {
         "format": FORMAT,
         "inputs": {"base": plan.base, "adapters": list(plan.adapters)},
         "options": {"dtype": plan.dtype, "mode": plan.mode, "weights": list(plan.weights), "combination": plan.combination},
         "files": {s.file: s.size for s in plan.shards},
-        "tensors": tensors,
+        "tensors": listed,
     }
 
 

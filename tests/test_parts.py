@@ -170,6 +170,42 @@ def test_a_part_refuses_changed_inputs(model: tuple[Path, Path, dict[str, str]],
     assert r.exit_code == 2 and "input changed since the plan was made" in r.stderr
 
 
+def test_a_part_refuses_an_edited_adapter_config(model: tuple[Path, Path, dict[str, str]], tmp_path: Path) -> None:
+    """lora_alpha is in the plan's scales: an adapter_config.json edited after planning is an input changed."""
+    base, lora, _ = model
+    work = tmp_path / "lora"
+    work.mkdir()
+    for f in lora.iterdir():
+        (work / f.name).write_bytes(f.read_bytes())
+    plan = tmp_path / "plan.json"
+    r = run_cli("plan", str(base), str(work), "-o", str(tmp_path / "out"), "--max-shard-size", "300KB", "--save", str(plan))
+    assert r.exit_code == 0, r.stderr
+    config = work / "adapter_config.json"
+    config.write_text(config.read_text().replace('"lora_alpha": ', '"lora_alpha": 1'))
+    for args in (["--part", "1/2"], []):
+        r = run_cli("run", str(plan), *args, "-q")
+        assert r.exit_code == 2 and f"{config}: input changed since the plan was made" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_of_another_plan_is_not_taken_as_complete(model: tuple[Path, Path, dict[str, str]], tmp_path: Path) -> None:
+    """OUT finished by a merge with other options (here --weights 1): plan B's parts (--weights 0.5) must not call it done."""
+    base, lora, _ = model
+    out = tmp_path / "out"
+    plan = tmp_path / "b.json"
+    assert (
+        run_cli(
+            "plan", str(base), str(lora), "-o", str(out), "--max-shard-size", "300KB", "--weights", "0.5", "--save", str(plan)
+        ).exit_code
+        == 0
+    )
+    assert run_cli("merge", str(base), str(lora), "-o", str(out), "--max-shard-size", "300KB", "-q").exit_code == 0
+    for args in (["run", str(plan), "--part", "1/2", "-q"], ["finish", str(plan)]):
+        r = run_cli(*args)
+        assert "already complete" not in r.stderr and r.exit_code == 2, r.stderr
+    assert digest(out) == model[2]  # the other merge's output is left as it was
+
+
 def test_python_api_runs_parts(model: tuple[Path, Path, dict[str, str]], tmp_path: Path) -> None:
     import streammerge
 

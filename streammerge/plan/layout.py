@@ -17,6 +17,7 @@ from typing import Any
 from streammerge.errors import BadCheckpoint, OutputError, PlanMismatch
 from streammerge.formats.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, WEIGHT_SUFFIXES, Checkpoint, check_inside
 from streammerge.formats.mxfp4 import BLOCKS
+from streammerge.formats.peft import CONFIG_NAME as ADAPTER_CONFIG_NAME
 from streammerge.formats.peft import Adapter
 from streammerge.formats.quantized import Quantized, stored
 from streammerge.formats.safetensors import FLOAT_DTYPES, OutputSlot, Source, TensorInfo, build_header, tensor_nbytes
@@ -188,6 +189,8 @@ def _fingerprint(path: str) -> Fingerprint:
 
 def fingerprints(ckpt: Checkpoint, adapters: list[Adapter], copy_files: list[CopyFile]) -> tuple[Fingerprint, ...]:
     paths = [h.path for h in ckpt.headers] + [a.weights_path for a in adapters] + [c.src for c in copy_files]
+    # the adapters' configs too: their alpha, rank and targets are in the plan's scales and units
+    paths += [p for a in adapters if os.path.isfile(p := os.path.join(a.root, ADAPTER_CONFIG_NAME))]
     config = os.path.join(ckpt.root, CONFIG_NAME)
     if ckpt.config is not None:
         paths.append(config)
