@@ -51,9 +51,12 @@ SHAPE: dict[str, Any] = dict(
 """Rows of 64 (Q8_0 blocks) and of 80 (not a multiple of 32: the converter falls back to F16)."""
 
 
-def bpe_tokenizer(path: Path) -> None:
-    """A byte-level BPE tokenizer.json (as Llama 3 / Qwen ship) with special tokens and a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def bpe_tokenizer(path: Path, byte_level_post: bool = False) -> None:
+    """A byte-level BPE tokenizer.json (as Llama 3 / Qwen ship) with special tokens and a chat template; with
+    ``byte_level_post`` a ByteLevel post-processor (as Qwen 2 ships) and an ``add_bos_token`` it overrides."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -66,7 +69,12 @@ def bpe_tokenizer(path: Path) -> None:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin|>", eos_token="<|finish|>")
     fast.add_tokens(["streammerge"])  # an added, non-special token (USER_DEFINED)
     fast.chat_template = CHAT
+    if byte_level_post:
+        fast.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     fast.save_pretrained(path)
+    if byte_level_post:
+        config = json.loads((path / "tokenizer_config.json").read_text())
+        (path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": True}))
 
 
 def spm_tokenizer(path: Path) -> None:
@@ -116,6 +124,7 @@ def _configs() -> dict[str, tuple[Any, str, torch.dtype]]:
         "llama31": (t.LlamaConfig(**SHAPE, rope_scaling=rope31, tie_word_embeddings=True), "bpe", torch.bfloat16),
         "mistral": (t.MistralConfig(**SHAPE, head_dim=16), "spm", torch.float16),
         "qwen2": (t.Qwen2Config(**SHAPE), "bpe", torch.bfloat16),
+        "qwen2_post": (t.Qwen2Config(**SHAPE), "bpe_post", torch.bfloat16),
         "qwen3": (t.Qwen3Config(**SHAPE, head_dim=16), "bpe", torch.bfloat16),
         "gemma": (t.GemmaConfig(**SHAPE, head_dim=16), "spm", torch.bfloat16),
         "gemma2": (t.Gemma2Config(**SHAPE, head_dim=16), "spm", torch.float16),
@@ -127,10 +136,11 @@ def _configs() -> dict[str, tuple[Any, str, torch.dtype]]:
 
 CASES = [
     ("llama", "bf16"), ("llama", "f16"), ("llama", "q8_0"), ("llama_spm", "bf16"), ("llama_hf", "f16"), ("llama31", "q8_0"), ("mistral", "auto"),
-    ("qwen2", "bf16"), ("qwen2", "q8_0"), ("qwen3", "f16"), ("gemma", "bf16"), ("gemma2", "auto"), ("gemma3_text", "q8_0"),
+    ("qwen2", "bf16"), ("qwen2", "q8_0"), ("qwen2_post", "q8_0"), ("qwen3", "f16"), ("gemma", "bf16"), ("gemma2", "auto"), ("gemma3_text", "q8_0"),
     ("gemma3_bpe", "bf16"), ("llama_bias", "q8_0"), ("llama_bias", "auto"),
 ]  # fmt: skip
-"""Besides the outtypes and tokenizers: Gemma 3 with a tokenizer.json smaller than its vocabulary (embed_tokens trimmed
+"""Besides the outtypes and tokenizers: Qwen2 with a ByteLevel post-processor (the converter's gguf-py, newer than
+gguf 0.19, writes add_bos/add_eos False for it, over tokenizer_config.json's add_bos_token); Gemma 3 with a tokenizer.json smaller than its vocabulary (embed_tokens trimmed
 to the tokenizer's rows), and a float32 Llama with q/k/v/o and MLP biases (1-D q/k biases un-permuted, biases F32)."""
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
 
@@ -151,7 +161,13 @@ def make_family(family: str, root: Path) -> Path:
                 p.add_(torch.randn_like(p) * 0.1)
     path = root / family
     model.save_pretrained(path)
-    {"bpe": bpe_tokenizer, "spm": spm_tokenizer, "hf": hf_tokenizer}[kind](path)
+    tokenizers = {
+        "bpe": bpe_tokenizer,
+        "bpe_post": lambda p: bpe_tokenizer(p, byte_level_post=True),
+        "spm": spm_tokenizer,
+        "hf": hf_tokenizer,
+    }
+    tokenizers[kind](path)
     return path
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -361,6 +363,37 @@ _PARAMS: dict[gguf.MODEL_ARCH, Callable[[gguf.GGUFWriter, dict[str, Any], gguf.L
 # --- tokenizer ------------------------------------------------------------------------------------
 
 
+class SpecialVocab(gguf.SpecialVocab):
+    """gguf 0.19's SpecialVocab, with the rule llama.cpp's converter has since adopted for ``add_bos``/``add_eos``:
+    what tokenizer.json's post-processor says wins over tokenizer_config.json's ``add_*_token``, and a ``ByteLevel``
+    post-processor (Qwen 2, Llama 3) means no BOS/EOS is added unless a template in the same post-processor adds it."""
+
+    def _try_load_from_tokenizer_json(self, path: Path) -> bool:
+        tokenizer_json, config_json = path / "tokenizer.json", path / "tokenizer_config.json"
+        if not tokenizer_json.is_file():
+            return bool(super()._try_load_from_tokenizer_json(path))
+        config = _json(config_json) if config_json.is_file() else {}
+        said = {t: v for t in self.special_token_types if isinstance(v := config.get(f"add_{t}_token"), bool)}
+        post = _json(tokenizer_json).get("post_processor") or {}
+        processors = post.get("processors", [post]) if isinstance(post, dict) else []
+        with tempfile.TemporaryDirectory(prefix="streammerge-vocab-") as tmp:
+            # what the post-processor alone says: the same folder, tokenizer_config.json without its add_*_token keys
+            for name in os.listdir(path):
+                if name != config_json.name:
+                    os.symlink(os.path.join(path, name), os.path.join(tmp, name))
+            if config_json.is_file():
+                kept = {k: v for k, v in config.items() if not (k.startswith("add_") and k.endswith("_token"))}
+                with open(os.path.join(tmp, config_json.name), "w", encoding="utf-8") as f:
+                    json.dump(kept or {"_": None}, f)  # a config there stays a non-empty one, as gguf tests it
+            loaded = bool(super()._try_load_from_tokenizer_json(Path(tmp)))
+        if any(isinstance(p, dict) and p.get("type") == "ByteLevel" for p in processors):
+            self.add_special_token.setdefault("bos", False)
+            self.add_special_token.setdefault("eos", False)
+        for kind, value in said.items():
+            self.add_special_token.setdefault(kind, value)
+        return loaded
+
+
 def _looks_special(token: str) -> bool:
     """The converter's does_token_look_special: added tokens it marks CONTROL although not special."""
     return (
@@ -420,7 +453,7 @@ def _set_gpt2(w: gguf.GGUFWriter, h: dict[str, Any], d: Path, pre: str | None) -
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
-    gguf.SpecialVocab(d, load_merges=True).add_to_gguf(w, quiet=True)
+    SpecialVocab(d, load_merges=True).add_to_gguf(w, quiet=True)
 
 
 def _sentencepiece_vocab(h: dict[str, Any], d: Path) -> tuple[list[bytes], list[float], list[int]]:
@@ -479,7 +512,7 @@ def _set_sentencepiece(w: gguf.GGUFWriter, h: dict[str, Any], d: Path) -> None:
     w.add_token_list(tokens)
     w.add_token_scores(scores)
     w.add_token_types(types)
-    gguf.SpecialVocab(d, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+    SpecialVocab(d, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
 
 
 def _set_llama_hf(w: gguf.GGUFWriter, d: Path) -> None:
@@ -490,7 +523,7 @@ def _set_llama_hf(w: gguf.GGUFWriter, d: Path) -> None:
     w.add_token_list(list(tokens))
     w.add_token_scores(list(scores))
     w.add_token_types(list(types))
-    gguf.SpecialVocab(d, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+    SpecialVocab(d, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
 
 
 def _llama_vocab(w: gguf.GGUFWriter, h: dict[str, Any], d: Path, pre: str | None) -> None:
@@ -508,7 +541,7 @@ def _llama_vocab(w: gguf.GGUFWriter, h: dict[str, Any], d: Path, pre: str | None
         except (FileNotFoundError, TypeError):
             _set_gpt2(w, h, d, pre)  # Llama 3
     if h.get("vocab_size", 32000) == 32016:  # CodeLlama's infill tokens
-        sv = gguf.SpecialVocab(d, load_merges=False, special_token_types=["prefix", "suffix", "middle", "eot"])
+        sv = SpecialVocab(d, load_merges=False, special_token_types=["prefix", "suffix", "middle", "eot"])
         for kind, i in (("prefix", 32007), ("suffix", 32008), ("middle", 32009), ("eot", 32010)):
             sv._set_special_token(kind, i)
         sv.add_to_gguf(w, quiet=True)
@@ -526,7 +559,7 @@ def _qwen_vocab(w: gguf.GGUFWriter, h: dict[str, Any], d: Path, pre: str | None)
 def _gemma_vocab(w: gguf.GGUFWriter, h: dict[str, Any], d: Path, pre: str | None) -> None:
     _need_sentencepiece(d)
     _set_sentencepiece(w, h, d)
-    sv = gguf.SpecialVocab(d, load_merges=False, special_token_types=["prefix", "suffix", "middle", "fsep", "eot"])
+    sv = SpecialVocab(d, load_merges=False, special_token_types=["prefix", "suffix", "middle", "fsep", "eot"])
     for kind, i in (("prefix", 67), ("suffix", 69), ("middle", 68), ("fsep", 70), ("eot", 107)):
         sv._set_special_token(kind, i)
     sv.chat_template = None
