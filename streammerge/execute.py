@@ -635,10 +635,9 @@ def _failure(plan: Plan, writer: Writer, queue: WriteQueue | None, cap: VramCap 
             f"{plan.out}: the GPU memory budget ({format_bytes(cap.budget)}) ran out at {current}, above the plan's estimate of "
             f"{format_bytes(plan.estimate.peak_device_bytes)}; plan with a smaller --tile-size, or use --device cpu"
         )
-    if writer.part is not None and isinstance(error, (StreamMergeError, OSError)):
-        what = "its finished units are" if kept else "nothing of it was journaled; it"
+    if writer.part is not None and kept and isinstance(error, (StreamMergeError, OSError)):
         error = OutputError(
-            f"{error}; part {writer.part.label}: {what} kept in {writer.partial}: run the same command again to continue it"
+            f"{error}; part {writer.part.label}: its finished units are kept in {writer.partial}: run the same command again to continue it"
         )
     elif kept and isinstance(error, (StreamMergeError, OSError)):
         error = OutputError(

@@ -18,8 +18,10 @@ run asks for it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import sys
 import time
 from typing import Any
 
@@ -172,6 +174,22 @@ def run(
         plan = streammerge.plan("/shared/base", ["/shared/lora"], out="/shared/merged", max_shard_bytes=2**30)
         report = streammerge.run(plan, engine="ray")   # or streammerge.rayrun.run(plan, address="auto", parts=8)
     """
+    # Ray's own messages (a worker that died, a task retried) go to stderr: stdout carries --json's report
+    with contextlib.redirect_stdout(sys.stderr):
+        return _run(plan, address, parts, progress, device, vram_budget, reads, retries, _kill)
+
+
+def _run(
+    plan: Plan,
+    address: str | None,
+    parts: int | None,
+    progress: Progress | None,
+    device: str | None,
+    vram_budget: int | None,
+    reads: str,
+    retries: int,
+    _kill: tuple[int, float, str] | None,
+) -> Report:
     from streammerge import parts as split
     from streammerge.lock import output_lock
     from streammerge.osio import remove
@@ -195,6 +213,8 @@ def run(
                 if os.path.lexists(path):
                     remove(path)
         plan = dataclasses.replace(plan, overwrite=False)
+    elif os.path.lexists(plan.out):  # as a whole run refuses it (a part alone would call a finished OUT done)
+        raise OutputError(f"{plan.out}: output folder already exists; pass --overwrite to replace it")
     board = ray.remote(num_cpus=0)(_Board).remote()
     task = ray.remote(max_retries=retries, retry_exceptions=False)(_part_task)
     text = plan.to_json()

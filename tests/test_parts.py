@@ -137,6 +137,7 @@ def test_mixing_whole_runs_and_splits_is_refused(model: tuple[Path, Path, dict[s
     assert run_cli("run", str(plan), "--part", "1/3", "-q").exit_code == 0
     r = run_cli("run", str(plan), "--part", "1/2", "-q")
     assert r.exit_code == 2 and "was started in 3 parts" in r.stderr and "--part K/3" in r.stderr
+    assert "run the same command again" not in r.stderr  # it would fail the same way: only the way out is said
     r = run_cli("run", str(plan), "--resume", "-q")
     assert r.exit_code == 2 and "was started in 3 parts" in r.stderr
     base, lora, _ = model  # a different plan for the same output

@@ -44,7 +44,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[st
 
 
 def test_a_part_whose_worker_dies_is_retried_and_the_bytes_are_a_single_runs(
-    local_ray: None, model: tuple[Path, Path, dict[str, str]], tmp_path: Path
+    local_ray: None, model: tuple[Path, Path, dict[str, str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     base, lora, reference = model
     plan = streammerge.plan(str(base), [str(lora)], out=str(tmp_path / "out"), max_shard_size=SHARD)
@@ -59,17 +59,23 @@ def test_a_part_whose_worker_dies_is_retried_and_the_bytes_are_a_single_runs(
     total = sum(u.nbytes for u in plan.units)
     assert seen and seen[-1] == (total, total) and all(t == total and 0 <= d <= total for d, t in seen)  # one bar for all parts
     assert not (tmp_path / "out.partial").exists()
+    assert "(raylet)" not in capsys.readouterr().out  # Ray's word of the dead worker goes to stderr, not into --json's stdout
 
 
 def test_merge_with_ray_and_engine_ray(local_ray: None, model: tuple[Path, Path, dict[str, str]], tmp_path: Path) -> None:
     base, lora, reference = model
     out = tmp_path / "cli"
+    saved = tmp_path / "plan.json"
+    assert run_cli("plan", str(base), str(lora), "-o", str(out), "--max-shard-size", SHARD, "--save", str(saved)).exit_code == 0
     r = run_cli("merge", "--ray", str(base), str(lora), "-o", str(out), "--max-shard-size", SHARD, "--parts", "2", "--pack")
     assert r.exit_code == 0, r.stderr
     assert digest(out) == reference and "ran as 2 Ray tasks" in r.stderr and "wrote" in r.stderr
     assert "after the merge" in r.stderr  # parts: packed from the finished output
     assert run_cli("unpack", str(tmp_path / "cli.smpack"), "-o", str(tmp_path / "again")).exit_code == 0
     assert digest(tmp_path / "again") == reference
+    # a plan of the same output saved before, run on Ray over the finished folder: refused as a whole run refuses it
+    r = run_cli("run", str(saved), "--ray", "--parts", "2", "-q")
+    assert r.exit_code == 2 and "output folder already exists; pass --overwrite" in r.stderr, r.stderr
     # again over it, through the Python API, with the default number of parts (2 CPUs: one part at a time)
     plan = streammerge.plan(str(base), [str(lora)], out=str(out), max_shard_size=SHARD, overwrite=True)
     report = streammerge.run(plan, engine="ray")
