@@ -251,6 +251,9 @@ def test_hostile_scale_shapes_and_configs_exit_2(tmp_path: Path) -> None:
     shard.write_bytes(original.replace(b"q_proj.weight_scale_inv", b"q_proj.weight_scale_inx"))  # FP8 weight without its scales
     r = run_cli("plan", str(base), str(adapter), "-o", str(tmp_path / "o"))
     assert r.exit_code == 2 and "F8_E4M3" in r.stderr and Q_PROJ in r.stderr, r.stderr
+    other = make_lora(unquantized_source(base), tmp_path / "lora_v", target_modules=["v_proj"])  # q_proj untouched
+    r = run_cli("plan", str(base), str(other), "-o", str(tmp_path / "o"))  # would copy its raw codes into a 16-bit model
+    assert r.exit_code == 2 and f"{Q_PROJ}' has no '{Q_PROJ}_scale_inv'" in r.stderr and str(shard) in r.stderr, r.stderr
     shard.write_bytes(original)
     (base / "config.json").write_text(config.replace('"weight_block_size": [\n      128,\n      128\n    ]', '"weight_block_size": [128]'))
     plan_fails("weight_block_size")

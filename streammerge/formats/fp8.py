@@ -169,6 +169,9 @@ def find_fp8(tensors: dict[str, TensorInfo], config: dict[str, Any] | None, dtyp
             name=name, weight=w, scale=scale, block=(bm, bn), fmt=method, dtype=dtype, shape=(rows, cols), activation=activation
         )
     for key, t in tensors.items():
+        if t.dtype in FP8_DTYPES and key.endswith(".weight") and key not in found:
+            # merged_16bit would copy its raw codes as numbers and drop the quantization_config
+            raise BadCheckpoint(f"{t.path}: {t.dtype} weight {key!r} has no {key + suffix!r} beside it (checkpoint incomplete?)")
         if key.endswith(".weight_zero_point"):
             raise BadCheckpoint(f"{t.path}: tensor {key!r}: FP8 weights with zero points are not supported (symmetric FP8 only)")
     return found
