@@ -18,19 +18,23 @@ MANIFEST_FILE = "streammerge-manifest.json"
 FORMAT = "streammerge-manifest/1"
 
 
-def build_manifest(plan: Plan, crcs: dict[str, int], *, tensors: bool = True) -> dict[str, Any]:
-    """The manifest of ``plan``'s output, given every tensor's CRC-32 by name (``tensors=False``: without the tensors,
-    to compare what a finished output was made with)."""
-    listed = {}
-    for u in plan.units if tensors else ():
+def manifest_options(plan: Plan) -> dict[str, Any]:
+    """The options of ``plan`` that its manifest records (what a finished output was made with)."""
+    return {"dtype": plan.dtype, "mode": plan.mode, "weights": list(plan.weights), "combination": plan.combination}
+
+
+def build_manifest(plan: Plan, crcs: dict[str, int]) -> dict[str, Any]:
+    """The manifest of ``plan``'s output, given every tensor's CRC-32 by name."""
+    tensors = {}
+    for u in plan.units:
         for name, offset, nbytes in ((u.name, u.offset, u.nbytes), *((x.name, x.offset, x.nbytes) for x in u.extra)):
-            listed[name] = {"file": plan.shards[u.shard].file, "offset": offset, "bytes": nbytes, "crc32": crcs[name]}
+            tensors[name] = {"file": plan.shards[u.shard].file, "offset": offset, "bytes": nbytes, "crc32": crcs[name]}
     return {
         "format": FORMAT,
         "inputs": {"base": plan.base, "adapters": list(plan.adapters)},
-        "options": {"dtype": plan.dtype, "mode": plan.mode, "weights": list(plan.weights), "combination": plan.combination},
+        "options": manifest_options(plan),
         "files": {s.file: s.size for s in plan.shards},
-        "tensors": listed,
+        "tensors": tensors,
     }
 
 

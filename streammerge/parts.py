@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from streammerge.errors import OutputError, PlanMismatch, StreamMergeError
 from streammerge.journal import PLAN_FILE, partial_path, plan_identity, read_journal
-from streammerge.manifest import build_manifest, read_manifest
+from streammerge.manifest import manifest_options, read_manifest
 from streammerge.osio import CLOEXEC
 from streammerge.plan.model import Plan
 
@@ -161,7 +161,7 @@ def already_complete(plan: Plan) -> bool:
         manifest.get("files") == {s.file: s.size for s in plan.shards}
         and set(manifest.get("tensors", {})) == names
         and manifest.get("inputs") == {"base": plan.base, "adapters": list(plan.adapters)}
-        and manifest.get("options") == build_manifest(plan, {}, tensors=False)["options"]
+        and manifest.get("options") == manifest_options(plan)
     )
 
 

@@ -156,23 +156,8 @@ def test_mixing_whole_runs_and_splits_is_refused(model: tuple[Path, Path, dict[s
     assert digest(tmp_path / "out") == model[2]
 
 
-def test_a_part_refuses_changed_inputs(model: tuple[Path, Path, dict[str, str]], tmp_path: Path) -> None:
-    base, lora, _ = model
-    work = tmp_path / "lora"
-    work.mkdir()
-    for f in lora.iterdir():
-        (work / f.name).write_bytes(f.read_bytes())
-    plan = tmp_path / "plan.json"
-    assert (
-        run_cli("plan", str(base), str(work), "-o", str(tmp_path / "out"), "--max-shard-size", "300KB", "--save", str(plan)).exit_code == 0
-    )
-    os.utime(work / "adapter_model.safetensors", ns=(1, 1))
-    r = run_cli("run", str(plan), "--part", "1/2", "-q")
-    assert r.exit_code == 2 and "input changed since the plan was made" in r.stderr
-
-
-def test_a_part_refuses_an_edited_adapter_config(model: tuple[Path, Path, dict[str, str]], tmp_path: Path) -> None:
-    """lora_alpha is in the plan's scales: an adapter_config.json edited after planning is an input changed."""
+def plan_with_adapter_copy(model: tuple[Path, Path, dict[str, str]], tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the adapter (to change after planning) and the saved plan that merges it: (adapter folder, plan file)."""
     base, lora, _ = model
     work = tmp_path / "lora"
     work.mkdir()
@@ -181,6 +166,19 @@ def test_a_part_refuses_an_edited_adapter_config(model: tuple[Path, Path, dict[s
     plan = tmp_path / "plan.json"
     r = run_cli("plan", str(base), str(work), "-o", str(tmp_path / "out"), "--max-shard-size", "300KB", "--save", str(plan))
     assert r.exit_code == 0, r.stderr
+    return work, plan
+
+
+def test_a_part_refuses_changed_inputs(model: tuple[Path, Path, dict[str, str]], tmp_path: Path) -> None:
+    work, plan = plan_with_adapter_copy(model, tmp_path)
+    os.utime(work / "adapter_model.safetensors", ns=(1, 1))
+    r = run_cli("run", str(plan), "--part", "1/2", "-q")
+    assert r.exit_code == 2 and "input changed since the plan was made" in r.stderr
+
+
+def test_a_part_refuses_an_edited_adapter_config(model: tuple[Path, Path, dict[str, str]], tmp_path: Path) -> None:
+    """lora_alpha is in the plan's scales: an adapter_config.json edited after planning is an input changed."""
+    work, plan = plan_with_adapter_copy(model, tmp_path)
     config = work / "adapter_config.json"
     config.write_text(config.read_text().replace('"lora_alpha": ', '"lora_alpha": 1'))
     for args in (["--part", "1/2"], []):
